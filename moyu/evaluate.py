@@ -1,0 +1,159 @@
+"""Perplexity, and dense-vs-modified comparison (KL, top-1 agreement), on one protocol.
+
+The protocol (shared by every method, dense included): the token stream is cut into
+windows of ``prompt + scored`` input tokens that advance by ``scored``. In each window
+the first ``prompt`` positions run dense (the prefill of generation); the ``scored``
+positions after them run with the modification on, and each of their next-token
+predictions is scored. So every scored token sees between ``prompt + 1`` and
+``prompt + scored`` tokens of context, and per-token and per-sequence methods are
+compared on exactly the same predictions. Defaults: prompt 256, scored 256.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MoyuError
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Evaluation windows: ``prompt`` dense positions, then ``scored`` scored positions."""
+
+    prompt: int = 256
+    scored: int = 256
+
+    def starts(self, n_tokens: int) -> list[int]:
+        """Window start offsets over a stream of ``n_tokens`` (each window needs one target past it)."""
+        span = self.prompt + self.scored + 1
+        if self.prompt < 1 or self.scored < 1:
+            raise MoyuError("window prompt and scored lengths must be >= 1")
+        if n_tokens < span:
+            raise MoyuError(f"text too short: {n_tokens} tokens, one window needs {span} "
+                            f"(prompt {self.prompt} + scored {self.scored} + 1); pass a longer "
+                            "text or smaller --prompt-len/--scored-len")
+        return list(range(0, n_tokens - span + 1, self.scored))
+
+
+class Modifier(Protocol):
+    """What the harness needs from a sparsifier: hooks on enter/exit plus two calls."""
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> Any: ...
+    def begin(self, prompt_len: int) -> None:
+        """Called before each forward: positions ``< prompt_len`` must run dense."""
+    def measured(self) -> dict[str, float]:
+        """Achieved sparsity (and any other counters) on the scored positions so far."""
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation measured; ``to_dict`` is what ``--json`` prints."""
+
+    tokens: int
+    ppl: float
+    seconds: float
+    windows: Windows
+    dense_ppl: float | None = None
+    kl: float | None = None
+    top1_agree: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready dict."""
+        d = asdict(self)
+        d.pop("extra")
+        d["prompt_len"], d["scored_len"] = self.windows.prompt, self.windows.scored
+        d.pop("windows")
+        d.update(self.extra)
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items() if v is not None}
+
+
+def _scored_logits(model: nn.Module, window: torch.Tensor, w: Windows) -> torch.Tensor:
+    out = model(window[None], logits_to_keep=w.scored, use_cache=False)
+    return out.logits[0].float()
+
+
+class DenseReference:
+    """Dense logits per window, computed once and reused across a sweep.
+
+    Held only while it fits ``max_bytes``; otherwise recomputed per call.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._store: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self._bytes = 0
+
+    def get(self, model: nn.Module, ids: torch.Tensor, start: int, w: Windows) -> torch.Tensor:
+        """Dense scored logits of the window at ``start``."""
+        key = (id(ids), start, w.prompt, w.scored)
+        hit = self._store.get(key)
+        if hit is not None:
+            return hit
+        logits = _scored_logits(model, ids[start: start + w.prompt + w.scored], w)
+        nbytes = logits.numel() * logits.element_size()
+        if self._bytes + nbytes <= self.max_bytes:
+            self._store[key] = logits
+            self._bytes += nbytes
+        return logits
+
+
+def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
+             modifier: Modifier | None = None, reference: DenseReference | None = None,
+             max_windows: int | None = None, progress: bool = False) -> EvalResult:
+    """Perplexity of ``model`` on ``ids``; with ``modifier``, also dense ppl, KL and top-1 agreement.
+
+    ``ppl`` is the modified model's perplexity when a modifier is given, else dense.
+    ``kl`` is the mean over scored tokens of KL(p_dense || p_modified) in nats.
+    """
+    from tqdm import tqdm
+
+    if ids.dim() != 1:
+        raise MoyuError("evaluate expects a 1-D tensor of token ids")
+    starts = windows.starts(len(ids))[:max_windows]
+    ref = reference or DenseReference(max_bytes=0)
+    nll_dense = nll_mod = kl_sum = 0.0
+    agree = n = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in tqdm(starts, desc="eval", disable=not progress, leave=False):
+            window = ids[s: s + windows.prompt + windows.scored]
+            target = ids[s + windows.prompt + 1: s + windows.prompt + windows.scored + 1]
+            dense = ref.get(model, ids, s, windows)
+            logp_d = F.log_softmax(dense, -1)
+            nll_dense += float(-logp_d.gather(1, target[:, None]).sum())
+            n += len(target)
+            if modifier is None:
+                continue
+            with modifier:
+                modifier.begin(windows.prompt)
+                other = _scored_logits(model, window, windows)
+            logp_o = F.log_softmax(other, -1)
+            nll_mod += float(-logp_o.gather(1, target[:, None]).sum())
+            kl_sum += float((logp_d.exp() * (logp_d - logp_o)).sum())
+            agree += int((dense.argmax(-1) == other.argmax(-1)).sum())
+    seconds = time.perf_counter() - t0
+    dense_ppl = math.exp(nll_dense / n)
+    if modifier is None:
+        return EvalResult(tokens=n, ppl=dense_ppl, seconds=seconds, windows=windows)
+    return EvalResult(tokens=n, ppl=math.exp(nll_mod / n), seconds=seconds, windows=windows,
+                      dense_ppl=dense_ppl, kl=kl_sum / n, top1_agree=agree / n,
+                      extra=dict(modifier.measured()))
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """KL(softmax a || softmax b) mean over rows, top-1 agreement and max |a - b|."""
+    la, lb = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
+    return {
+        "kl": float((la.exp() * (la - lb)).sum(-1).mean()),
+        "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "max_abs_diff": float((a.float() - b.float()).abs().max()),
+    }
+

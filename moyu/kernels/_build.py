@@ -1,0 +1,136 @@
+"""Builds (once, cached) and loads the C++ extension; picks the backend.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` into
+``$MOYU_CACHE/kernels/<name>`` (``MOYU_CACHE`` defaults to ``~/.cache/moyu``). The name
+encodes the instruction set the code was compiled for, so a cache directory shared by
+machines with different CPUs never hands one of them a binary it cannot run.
+
+Concurrency and crash safety: torch guards a build with a ``lock`` file that a killed
+build leaves behind, after which every later build waits forever. We therefore hold an
+``fcntl`` lock (released by the kernel when a process dies) around the whole build and,
+while holding it, clear any stale torch lock. A build that fails to import (a half-written
+library from a killed link) is wiped and rebuilt once.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+_SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
+_ENV_BACKEND = "MOYU_KERNELS"
+
+
+def cache_dir() -> Path:
+    """Directory that holds the compiled kernels (``$MOYU_CACHE/kernels``)."""
+    root = os.environ.get("MOYU_CACHE") or os.path.join("~", ".cache", "moyu")
+    return Path(root).expanduser() / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """(tag, compiler flags) for the widest instruction set the kernels use here."""
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+    return "generic", []
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Process-exclusive lock on ``path``, released automatically if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on torch's own baton
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """Captures Python-level stdout/stderr chatter from torch's build helpers."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        yield buf
+
+
+def _compile(name: str, build_dir: Path, flags: list[str]) -> ModuleType:
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    with _quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *flags],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+
+def build_extension() -> ModuleType:
+    """Compiles (or reuses the cached build of) the kernels and returns the module."""
+    tag, flags = _isa_flags()
+    name = f"moyu_sparse_{tag}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(build_dir.parent / f"{name}.flock"):
+        (build_dir / "lock").unlink(missing_ok=True)  # stale torch baton from a killed build
+        try:
+            return _compile(name, build_dir, flags)
+        except ImportError:
+            shutil.rmtree(build_dir, ignore_errors=True)  # half-written library: start over
+            build_dir.mkdir(parents=True, exist_ok=True)
+            return _compile(name, build_dir, flags)
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line describing why a build failed."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    line = (errors or lines or [type(exc).__name__])[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def load_backend() -> ModuleType | None:
+    """The compiled extension, or None for the PyTorch fallback (per ``MOYU_KERNELS``).
+
+    ``MOYU_KERNELS=torch`` forces the fallback, ``cpp`` forces the extension (a failed
+    build raises), anything else tries the extension and falls back with one warning.
+    """
+    choice = os.environ.get(_ENV_BACKEND, "auto").strip().lower()
+    if choice == "torch":
+        return None
+    try:
+        return build_extension()
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
+        if choice == "cpp":
+            raise RuntimeError(f"moyu: sparse kernel build failed ({_reason(exc)}) "
+                               f"and {_ENV_BACKEND}=cpp forbids the fallback") from exc
+        print(f"moyu: warning: sparse kernel build failed ({_reason(exc)}); "
+              "using the PyTorch fallback", file=sys.stderr)
+        return None
