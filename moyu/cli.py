@@ -90,9 +90,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """``--method``/``--sparsity``/``--cett``/``--profile`` and calibration text options."""
+    p.add_argument("--method", help="dynamic-activation method (see `moyu methods`)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target share of neurons skipped")
+    p.add_argument("--cett", type=float, help="calibrate to a CETT error budget instead (e.g. 0.2)")
+    p.add_argument("--profile", metavar="FILE", help="use a saved profile instead of calibrating")
+    p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: built-in calib split)")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+
+
+def make_profile(args: argparse.Namespace, model, tok):
+    """Load ``--profile`` or calibrate ``--method`` at ``--sparsity``/``--cett``."""
+    from .methods import calibrate, calibration_ids
+    from .profile import Profile
+    if args.profile:
+        return Profile.load(args.profile)
+    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
+    return calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
+                     windows=windows_from(args), progress=not getattr(args, "json", False))
+
+
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_text_args(p)
+    add_method_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -100,12 +122,104 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 @options(_configure_eval)
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
+    from .methods import check_sparsity, get_method, sparsify
+    if args.method:
+        get_method(args.method)
+        check_sparsity(args.sparsity)
     model, tok = load_model(args)
     ids = eval_tokens(args, tok)
-    res = evaluate(model, ids, windows_from(args), progress=not args.json)
-    out = {"model": args.model, **res.to_dict()}
-    print(json.dumps(out) if args.json else
-          f"{args.model}: perplexity {out['ppl']:.3f} over {out['tokens']} tokens ({out['seconds']:.1f} s)")
+    out: dict = {"model": args.model}
+    modifier = None
+    if args.method or args.profile:
+        prof = make_profile(args, model, tok)
+        modifier = sparsify(model, prof)
+        out.update(method=prof.method, target=prof.target.get("sparsity", prof.target.get("cett")))
+    res = evaluate(model, ids, windows_from(args), modifier=modifier, progress=not args.json)
+    out.update(res.to_dict())
+    if args.json:
+        print(json.dumps(out))
+    elif modifier is None:
+        print(f"{args.model}: perplexity {out['ppl']:.3f} over {out['tokens']} tokens ({out['seconds']:.1f} s)")
+    else:
+        print(f"{args.model} {out['method']}: sparsity {out['sparsity']:.3f}, perplexity {out['ppl']:.3f} "
+              f"(dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %), "
+              f"KL {out['kl']:.4f}, top-1 agreement {out['top1_agree']:.3f}")
+    return 0
+
+
+def _configure_methods(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+@command("methods", "list the dynamic-activation methods")
+@options(_configure_methods)
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+    rows = [{"name": m.name, "granularity": m.granularity, "needs_gate": m.needs_gate,
+             "summary": m.summary} for m in METHODS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<8} {r['granularity']:<9} {r['summary']}")
+    return 0
+
+
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--prompt-len", type=int, default=256, help="dense prompt positions per window")
+    p.add_argument("--scored-len", type=int, default=256, help="scored positions per window")
+    p.add_argument("--out", required=True, metavar="FILE", help="profile file to write")
+
+
+@command("calibrate", "calibrate a method to a target sparsity (or CETT budget) and save a profile")
+@options(_configure_calibrate)
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .methods import check_sparsity, get_method
+    if not args.method:
+        raise MoyuError("--method is required: pick one of `moyu methods`")
+    get_method(args.method)
+    check_sparsity(args.sparsity)
+    args.profile = None
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    t1 = time.perf_counter()
+    prof = make_profile(args, model, tok)
+    path = prof.save(args.out)
+    print(f"wrote {path}: {prof.method}, calibration sparsity {prof.calib['sparsity']:.3f} "
+          f"({time.perf_counter() - t1:.1f} s calibration, {t1 - t0:.1f} s load)")
+    return 0
+
+
+def _configure_sweep(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_text_args(p, default_tokens=2048 + 257)
+    p.add_argument("--methods", default="cats,teal,griffin,tda,sketch")
+    p.add_argument("--sparsities", default="0.3,0.5,0.7")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--out", required=True, metavar="DIR")
+
+
+@command("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot")
+@options(_configure_sweep)
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .methods import calibration_ids, check_sparsity, get_method
+    from .sweep import run_sweep, to_markdown, write_sweep
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)
+    try:
+        sparsities = [check_sparsity(float(s)) for s in args.sparsities.split(",")]
+    except ValueError:
+        raise MoyuError(f"--sparsities must be comma-separated numbers, got '{args.sparsities}'") from None
+    model, tok = load_model(args)
+    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens), eval_tokens(args, tok), methods,
+                     sparsities, windows_from(args))
+    title = f"{args.model}: quality vs sparsity ({rows[0]['dense_ppl']:.2f} dense perplexity)"
+    write_sweep(rows, args.out, title, {"model": args.model, "text": args.text or "eval corpus"})
+    print(to_markdown(rows))
+    print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.json, sweep.png")
     return 0
 
 

@@ -1,0 +1,77 @@
+"""Dynamic-activation methods behind one interface, and the two verbs that use them.
+
+``calibrate(model, tok, method=..., sparsity=...)`` returns a :class:`~moyu.profile.Profile`;
+``sparsify(model, profile)`` returns a reversible context manager that applies it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MoyuError
+from ..evaluate import Windows
+from ..profile import Profile
+from .base import Sparsifier, check_sparsity
+from .catalog import Cats, Cett, Dense, Griffin, Method, Oracle, Relu, Tda, Teal, Wina
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Dense(), Oracle(), Cats(), Teal(), Wina(), Griffin(), Tda(), Cett(), Relu())}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (used by the learned and moyu-native methods)."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; one-line error listing the known ones."""
+    if name not in METHODS:
+        raise MoyuError(f"unknown method '{name}': known methods are {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None) -> torch.Tensor:
+    """Calibration token ids: the built-in ``calib`` split (disjoint from ``eval``) or a file."""
+    from .. import data
+    return data.tokens(tok, "calib", tokens, text_file=text_file)
+
+
+def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
+              sparsity: float | None = 0.5, cett: float | None = None,
+              windows: Windows = Windows(), tokens: int = 8192, progress: bool = False,
+              **params: Any) -> Profile:
+    """Calibrate ``method`` on ``model`` for a target sparsity (or a CETT budget).
+
+    ``tok_or_ids`` is a tokenizer (the built-in calibration split is used) or a 1-D
+    tensor of token ids. Returns a :class:`Profile` to save or to pass to :func:`sparsify`.
+    """
+    m = get_method(method)
+    m.check(model)
+    if cett is not None:
+        if not 0.0 <= cett < 1.0:
+            raise MoyuError(f"CETT budget {cett} is outside [0, 1): pass e.g. 0.2")
+        target = {"cett": float(cett)}
+    else:
+        target = {"sparsity": check_sparsity(0.0 if sparsity is None else sparsity)}
+    if isinstance(tok_or_ids, torch.Tensor):
+        ids = tok_or_ids
+    elif tok_or_ids is not None:
+        ids = calibration_ids(tok_or_ids, tokens)
+    else:
+        ids = None
+    return m.calibrate(model, ids, target, windows=windows, progress=progress, **params)
+
+
+def sparsify(model: nn.Module, profile: Profile) -> Sparsifier:
+    """A reversible context manager applying ``profile`` to ``model`` (checked to match)."""
+    return get_method(profile.method).build(model, profile)
+
+
+# Methods with trained parts register themselves on import.
+from . import learned  # noqa: E402,F401
+from . import native  # noqa: E402,F401
+
+__all__ = ["METHODS", "Method", "Sparsifier", "calibrate", "sparsify", "get_method", "register"]

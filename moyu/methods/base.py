@@ -1,0 +1,282 @@
+"""The common machinery of dynamic-activation methods: targets, rules, and the sparsifier.
+
+A method is calibrated into a :class:`~moyu.profile.Profile`; a profile is turned into
+one rule per layer; :class:`Sparsifier` installs the rules on a model with forward hooks
+(removed on exit, so the dense model is one ``with`` block away).
+
+Two kinds of rules:
+
+* :class:`NeuronRule` chooses which MLP neurons to keep. The hook on the down
+  projection sees the activation vector ``a`` and zeroes the dropped neurons, which is
+  exactly what computing only the kept gate/up rows and down columns gives.
+  Token-level rules decide per position; sequence-level rules decide once from the
+  prompt and keep that set for every later position of the sequence.
+* :class:`InputRule` zeroes input channels of every linear (TEAL / WINA style).
+
+Positions before the *dense prefix* run dense. With :meth:`Sparsifier.begin` the prefix
+is explicit (the evaluation protocol); without it, a forward of more than one token is
+a prefill (dense; sequence rules choose their sets from it) and single-token forwards
+are decode steps (sparse), which is what ``model.generate`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import MLPLayer, mlp_layers
+from ..errors import MoyuError
+
+
+def check_sparsity(s: float) -> float:
+    """Validate a target sparsity; one-line error outside [0, 1)."""
+    if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
+        raise MoyuError(f"sparsity {s} is outside [0, 1): pass the share of neurons to skip, e.g. 0.5")
+    return float(s)
+
+
+@dataclass
+class LayerInputs:
+    """What the hooks of one layer saw in the current forward (only what a rule asks for)."""
+
+    x: torch.Tensor | None = None   # MLP input [B, T, d]
+    g: torch.Tensor | None = None   # gate pre-activation [B, T, d_ff]
+    u: torch.Tensor | None = None   # up (fc1) output [B, T, d_ff], bias included
+
+    def tail(self, p: int) -> "LayerInputs":
+        """The same tensors from position ``p`` on."""
+        cut = (lambda t: None if t is None else t[:, p:])
+        return LayerInputs(cut(self.x), cut(self.g), cut(self.u))
+
+
+class NeuronRule:
+    """Per-layer choice of MLP neurons. Subclasses set ``needs`` and override one of the hooks."""
+
+    needs: frozenset[str] = frozenset()   # any of "x", "g", "u"
+    sequence: bool = False               # True: one set per sequence, chosen from the prompt
+    full_reads: float = 0.0              # share of the MLP's bytes read for every token anyway
+
+    def __init__(self, ml: MLPLayer):
+        self.ml = ml
+
+    def mask(self, a: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        """Token-level: boolean keep-mask shaped like ``a`` ([B, T, d_ff])."""
+        raise NotImplementedError
+
+    def choose(self, a_prompt: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        """Sequence-level: keep-mask [B, d_ff] from the prompt's activations [B, P, d_ff]."""
+        raise NotImplementedError
+
+    def apply(self, a: torch.Tensor, keep: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        """The activation the down projection receives (masking by default)."""
+        return a * keep.to(a.dtype)
+
+
+class InputRule:
+    """Per-layer input-channel sparsity for every linear of a layer (TEAL / WINA)."""
+
+    def __init__(self, ml: MLPLayer, thresholds: dict[str, float], scales: dict[str, torch.Tensor] | None = None):
+        self.ml = ml
+        self.thresholds = thresholds          # group -> tau
+        self.scales = scales or {}            # group -> per-channel factor (WINA: column norms)
+
+    def groups(self) -> dict[str, list[nn.Module]]:
+        """Linears grouped by shared input: ``attn`` (q/k/v), ``o``, ``mlp`` (gate/up), ``down``."""
+        lin = self.ml.attn_linears()
+        attn = [lin["qkv"]] if "qkv" in lin else [lin["q"], lin["k"], lin["v"]]
+        mlp = [m for r, m in self.ml.mlp_linears().items() if r != "down"]
+        return {"attn": attn, "o": [lin["o"]], "mlp": mlp, "down": [self.ml.down]}
+
+    def keep(self, group: str, x: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of input channels of ``x`` for ``group``."""
+        score = x.abs()
+        if group in self.scales:
+            score = score * self.scales[group].to(x.dtype)
+        return score > self.thresholds[group]
+
+
+def out_features(mod: nn.Module, conv1d: bool) -> int:
+    """Output width of a linear (Conv1D stores [in, out])."""
+    return mod.weight.shape[1] if conv1d else mod.weight.shape[0]
+
+
+@dataclass
+class _Counter:
+    kept: float = 0.0
+    total: float = 0.0
+    skipped_bytes: float = 0.0
+
+
+class Sparsifier:
+    """Installs per-layer rules with hooks; a reusable, reversible context manager."""
+
+    def __init__(self, model: nn.Module, neuron_rules: list[NeuronRule] | None = None,
+                 input_rules: list[InputRule] | None = None, method: str = "?",
+                 info: dict[str, Any] | None = None):
+        self.model = model
+        self.layers = mlp_layers(model)
+        self.neuron_rules = neuron_rules
+        self.input_rules = input_rules
+        self.method = method
+        self.info = info or {}
+        self.prompt_len: int | None = None
+        self._handles: list = []
+        self._inputs: list[LayerInputs] = [LayerInputs() for _ in self.layers]
+        self._sets: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._prefilled = [False] * len(self.layers)
+        self._p_cache: dict[int, int] = {}
+        self.counters = [_Counter() for _ in self.layers]
+        self.total_linear_bytes = sum(_layer_linear_params(ml) for ml in self.layers)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def begin(self, prompt_len: int | None) -> None:
+        """Positions ``< prompt_len`` of each following forward run dense (None: auto mode)."""
+        self.prompt_len = prompt_len
+        self._sets = [None] * len(self.layers)
+        self._prefilled = [False] * len(self.layers)
+
+    def reset_counters(self) -> None:
+        """Forget the measured sparsity so far."""
+        self.counters = [_Counter() for _ in self.layers]
+
+    def measured(self) -> dict[str, Any]:
+        """Achieved sparsity on the sparse positions seen so far, overall and per layer."""
+        per_layer = [1.0 - c.kept / c.total if c.total else 0.0 for c in self.counters]
+        total = sum(c.total for c in self.counters)
+        kept = sum(c.kept for c in self.counters)
+        tokens = self.counters[0].total / max(self._unit(0), 1) if self.counters else 0
+        skipped = sum(c.skipped_bytes for c in self.counters)
+        return {
+            "method": self.method,
+            **self.info,
+            "sparsity": 1.0 - kept / total if total else 0.0,
+            "sparsity_per_layer": [round(v, 4) for v in per_layer],
+            "weights_skipped": skipped / (tokens * self.total_linear_bytes) if tokens else 0.0,
+        }
+
+    def _unit(self, i: int) -> int:
+        """Counter units per token for layer i (neurons, or the weights of all its linears)."""
+        if self.input_rules is not None:
+            return _layer_linear_params(self.layers[i])
+        return self.layers[i].d_ff
+
+    def _dense_prefix(self, i: int, t: int) -> int:
+        if self.prompt_len is not None:
+            return min(self.prompt_len, t)
+        if t > 1 or not self._prefilled[i]:
+            self._prefilled[i] = True
+            return t
+        return 0
+
+    # -- hooks ------------------------------------------------------------------------------
+    def __enter__(self) -> "Sparsifier":
+        if self._handles:
+            raise MoyuError("this sparsifier is already active: exit the first `with` block first")
+        for i, ml in enumerate(self.layers):
+            if self.neuron_rules is not None:
+                self._install_neuron(i, ml, self.neuron_rules[i])
+            if self.input_rules is not None and self.input_rules[i] is not None:
+                self._install_input(i, ml, self.input_rules[i])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs = [LayerInputs() for _ in self.layers]
+
+    def _install_neuron(self, i: int, ml: MLPLayer, rule: NeuronRule | None) -> None:
+        if rule is None:  # a dense layer among sparse ones: count it, change nothing
+            def count(_m, args):
+                c, t = self.counters[i], self._dense_prefix(i, args[0].shape[-2])
+                n = args[0][..., t:, :].numel()
+                c.kept += n
+                c.total += n
+            self._handles.append(ml.down.register_forward_pre_hook(count))
+            return
+        inp = self._inputs[i]
+        if "x" in rule.needs:
+            self._handles.append(ml.up.register_forward_pre_hook(
+                lambda _m, args: setattr(inp, "x", args[0])))
+        if "g" in rule.needs:
+            self._handles.append(ml.gate_module().register_forward_hook(
+                lambda _m, _a, out: setattr(inp, "g", ml.gate_from_output(out))))
+        if "u" in rule.needs:
+            def up_out(_m, _a, out):
+                inp.u = out[..., out.shape[-1] // 2:] if ml.spec.gate_up else out
+            self._handles.append(ml.up.register_forward_hook(up_out))
+
+        d, dff = ml.w_up.shape[1], ml.d_ff
+        mlp_params = dff * d * (3 if ml.gated else 2)
+
+        def down_pre(_m, args):
+            a = args[0]
+            squeeze = a.dim() == 2
+            if squeeze:
+                a = a[None]
+            t = a.shape[1]
+            p = self._dense_prefix(i, t)
+            if rule.sequence and p > 0:
+                self._sets[i] = rule.choose(a[:, :p], LayerInputs(
+                    *(None if v is None else v[:, :p] for v in (inp.x, inp.g, inp.u))))
+            if p >= t:
+                return None
+            tail_inp = inp.tail(p)
+            if rule.sequence:
+                keep = self._sets[i]
+                if keep is None:
+                    raise MoyuError(f"method '{self.method}' chooses neurons from the prompt, but "
+                                    "the first forward had no prompt: run the prompt first")
+                keep = keep[:, None, :].expand(a.shape[0], t - p, dff)
+            else:
+                keep = rule.mask(a[:, p:], tail_inp)
+            new_tail = rule.apply(a[:, p:], keep, tail_inp)
+            c = self.counters[i]
+            n_keep = float(keep.sum())
+            c.kept += n_keep
+            c.total += keep.numel()
+            n_tok = keep.numel() / dff
+            c.skipped_bytes += (1 - rule.full_reads) * mlp_params * (n_tok - n_keep / dff)
+            out = torch.cat([a[:, :p], new_tail], 1) if p else new_tail
+            return (out[0] if squeeze else out,)
+
+        self._handles.append(ml.down.register_forward_pre_hook(down_pre))
+
+    def _install_input(self, i: int, ml: MLPLayer, rule: InputRule) -> None:
+        conv1d = ml.spec.conv1d
+        for group, mods in rule.groups().items():
+            for mod in mods:
+                outf = out_features(mod, conv1d)
+
+                def pre(_m, args, group=group, outf=outf, first=(mod is mods[0])):
+                    x = args[0]
+                    squeeze = x.dim() == 2
+                    if squeeze:
+                        x = x[None]
+                    t = x.shape[1]
+                    # Each linear of a group sees the same input; only the first advances the
+                    # auto-mode prefill state, the others reuse its decision.
+                    if first and group == "attn":
+                        self._p_cache[i] = self._dense_prefix(i, t)
+                    p = self._p_cache[i] if self.prompt_len is None else min(self.prompt_len, t)
+                    if p >= t:
+                        return None
+                    keep = rule.keep(group, x[:, p:])
+                    # counted in weights (a channel of a wide linear skips more bytes)
+                    c = self.counters[i]
+                    n_keep = float(keep.sum())
+                    c.kept += n_keep * outf
+                    c.total += keep.numel() * outf
+                    c.skipped_bytes += (keep.numel() - n_keep) * outf
+                    tail = x[:, p:] * keep.to(x.dtype)
+                    out = torch.cat([x[:, :p], tail], 1) if p else tail
+                    return (out[0] if squeeze else out,)
+
+                self._handles.append(mod.register_forward_pre_hook(pre))
+
+
+def _layer_linear_params(ml: MLPLayer) -> int:
+    mods = list(ml.attn_linears().values()) + list(ml.mlp_linears().values())
+    return sum(m.weight.numel() for m in mods)

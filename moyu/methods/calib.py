@@ -1,0 +1,121 @@
+"""Calibration data: per-layer samples of what the hooks see, on the evaluation protocol.
+
+Calibration runs the dense model over windows of calibration text (same prompt /
+scored layout as evaluation) and keeps, per layer, a fixed-size random sample of
+positions: memory is ``layers x samples x d_ff`` whatever the text length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import mlp_layers
+from ..errors import MoyuError
+from ..evaluate import Windows
+
+MIN_CALIB_WINDOWS = 2
+
+
+@dataclass
+class CalibSamples:
+    """Per layer: sampled scored positions (``a``, ``g``, ``u``, ``x``) and prompt activations."""
+
+    a: list[list[torch.Tensor]] = field(default_factory=list)        # [n, d_ff] chunks
+    g: list[list[torch.Tensor]] = field(default_factory=list)
+    u: list[list[torch.Tensor]] = field(default_factory=list)
+    x: list[list[torch.Tensor]] = field(default_factory=list)        # [n, d] chunks
+    xa: list[list[torch.Tensor]] = field(default_factory=list)       # attention input [n, d]
+    xo: list[list[torch.Tensor]] = field(default_factory=list)       # o-projection input
+    prompts: list[list[torch.Tensor]] = field(default_factory=list)  # [P, d_ff] per window
+
+    def cat(self, name: str, layer: int) -> torch.Tensor:
+        """All samples of stream ``name`` for ``layer`` as one tensor."""
+        return torch.cat(getattr(self, name)[layer], 0)
+
+
+def calib_starts(n_tokens: int, windows: Windows, max_windows: int) -> list[int]:
+    """Window starts for calibration; one-line error if the text is too short."""
+    try:
+        starts = windows.starts(n_tokens)
+    except MoyuError:
+        starts = []
+    if len(starts) < MIN_CALIB_WINDOWS:
+        need = (MIN_CALIB_WINDOWS - 1) * windows.scored + windows.prompt + windows.scored + 1
+        raise MoyuError(f"too little calibration text: {n_tokens} tokens, need at least {need} "
+                        f"({MIN_CALIB_WINDOWS} windows); pass more text or smaller windows")
+    return starts[:max_windows]
+
+
+def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[str],
+            per_window: int = 64, max_windows: int = 16, prompts: bool = False,
+            seed: int = 0, progress: bool = False) -> CalibSamples:
+    """Run the dense model over calibration windows and sample what ``streams`` name.
+
+    ``streams`` are any of ``a`` (MLP activation), ``g`` (gate pre-activation), ``u`` (up
+    output), ``x`` (MLP input), ``xa`` (attention input) and ``xo`` (input of the attention
+    output projection), sampled at ``per_window`` random scored positions per
+    window. With ``prompts=True`` the full prompt activations ``a[:P]`` of every window are
+    kept too (for sequence-level methods).
+    """
+    from tqdm import tqdm
+
+    layers = mlp_layers(model)
+    starts = calib_starts(len(ids), windows, max_windows)
+    out = CalibSamples(*[[[] for _ in layers] for _ in range(7)])
+    gen = torch.Generator().manual_seed(seed)
+    pos: torch.Tensor = torch.empty(0, dtype=torch.long)
+    p = windows.prompt
+
+    def keep(store: list, t: torch.Tensor) -> None:
+        store.append(t[0, p:][pos].detach().float().clone())
+
+    handles = []
+    for ml in layers:
+        i = ml.index
+
+        def down_pre(_m, args, i=i):
+            a = args[0]
+            if "a" in streams:
+                keep(out.a[i], a)
+            if prompts:
+                out.prompts[i].append(a[0, :p].detach().float().clone())
+        handles.append(ml.down.register_forward_pre_hook(down_pre))
+        if "x" in streams:
+            handles.append(ml.up.register_forward_pre_hook(lambda _m, args, i=i: keep(out.x[i], args[0])))
+        if "g" in streams and ml.gated:
+            handles.append(ml.gate_module().register_forward_hook(
+                lambda _m, _a, o, ml=ml, i=i: keep(out.g[i], ml.gate_from_output(o))))
+        if "xa" in streams or "xo" in streams:
+            lin = ml.attn_linears()
+            first = lin.get("qkv", lin.get("q"))
+            if "xa" in streams:
+                handles.append(first.register_forward_pre_hook(
+                    lambda _m, args, i=i: keep(out.xa[i], args[0])))
+            if "xo" in streams:
+                handles.append(lin["o"].register_forward_pre_hook(
+                    lambda _m, args, i=i: keep(out.xo[i], args[0])))
+        if "u" in streams:
+            def up_out(_m, _a, o, ml=ml, i=i):
+                keep(out.u[i], o[..., o.shape[-1] // 2:] if ml.spec.gate_up else o)
+            handles.append(ml.up.register_forward_hook(up_out))
+    try:
+        with torch.inference_mode():
+            for s in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
+                n = min(per_window, windows.scored)
+                pos = torch.randperm(windows.scored, generator=gen)[:n]
+                model(ids[s: s + p + windows.scored][None], logits_to_keep=1, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """Exact q-quantile of a tensor of any size (sorts; torch.quantile caps the input size)."""
+    flat = values.reshape(-1).float()
+    if flat.numel() == 0:
+        return 0.0
+    k = min(max(int(round(q * (flat.numel() - 1))), 0), flat.numel() - 1)
+    return float(torch.kthvalue(flat, k + 1).values)

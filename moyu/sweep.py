@@ -1,0 +1,126 @@
+"""Quality sweeps: many methods x many sparsities on one protocol, one table and one plot.
+
+Every point calibrates on the ``calib`` split and is scored on held-out text with the
+same windows; dense logits are computed once and shared by all points.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MoyuError
+from .evaluate import DenseReference, Windows, evaluate
+
+COLUMNS = ["method", "target", "sparsity", "weights_skipped", "ppl", "dense_ppl", "ppl_ratio",
+           "kl", "top1_agree", "calib_seconds", "eval_seconds"]
+
+
+def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor, methods: list[str],
+              sparsities: list[float], windows: Windows = Windows(), progress: bool = True,
+              **params: Any) -> list[dict[str, Any]]:
+    """Calibrate and evaluate every (method, sparsity); returns one row per point."""
+    import time
+
+    from tqdm import tqdm
+
+    from .methods import calibrate, check_sparsity, get_method, sparsify
+
+    for m in methods:
+        get_method(m).check(model)
+    for s in sparsities:
+        check_sparsity(s)
+    ref = DenseReference()
+    rows = []
+    points = [(m, s) for m in methods for s in sparsities]
+    bar = tqdm(points, desc="sweep", disable=not progress)
+    for m, s in bar:
+        bar.set_postfix_str(f"{m} @ {s:.2f}")
+        t0 = time.perf_counter()
+        prof = calibrate(model, calib_ids, method=m, sparsity=s, windows=windows, **params)
+        t1 = time.perf_counter()
+        res = evaluate(model, eval_ids, windows, modifier=sparsify(model, prof), reference=ref)
+        d = res.to_dict()
+        rows.append({"method": m, "target": s, "sparsity": d["sparsity"],
+                     "weights_skipped": d["weights_skipped"], "ppl": d["ppl"],
+                     "dense_ppl": d["dense_ppl"], "ppl_ratio": d["ppl"] / d["dense_ppl"],
+                     "kl": d["kl"], "top1_agree": d["top1_agree"],
+                     "calib_seconds": t1 - t0, "eval_seconds": d["seconds"]})
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The sweep as a Markdown table."""
+    head = "| method | target | sparsity | weights skipped | ppl | dense ppl | ppl ratio | KL | top-1 agree |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['target']:.2f} | {r['sparsity']:.3f} | "
+                     f"{r['weights_skipped']:.3f} | {r['ppl']:.3f} | {r['dense_ppl']:.3f} | "
+                     f"{r['ppl_ratio']:.3f} | {r['kl']:.4f} | {r['top1_agree']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], title: str) -> bytes:
+    """PNG: perplexity ratio and KL against achieved sparsity, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["sparsity"], r["ppl_ratio"], r["kl"]) for r in rows if r["method"] == m)
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=m)
+        axes[1].plot(xs, [max(p[2], 1e-5) for p in pts], marker="o", label=m)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity / dense perplexity")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("KL(dense || method), nats/token")
+    for ax in axes:
+        ax.set_xlabel("achieved sparsity (held-out text)")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.10, color="grey", ls="--", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_sweep(rows: list[dict[str, Any]], out: str | Path, title: str, meta: dict[str, Any]) -> list[Path]:
+    """Write sweep.csv, sweep.md, sweep.json and sweep.png into ``out`` (each atomically)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, delete=True)
+        probe.close()
+    except OSError as e:
+        raise MoyuError(f"cannot write to {out}: {e.strerror}; choose a writable --out") from None
+    csv_buf = io.StringIO()
+    w = csv.DictWriter(csv_buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+    files = {
+        "sweep.csv": csv_buf.getvalue().encode(),
+        "sweep.md": (f"# {title}\n\n" + to_markdown(rows)).encode(),
+        "sweep.json": json.dumps({**meta, "rows": rows}, indent=2).encode(),
+        "sweep.png": plot(rows, title),
+    }
+    written = []
+    for name, blob in files.items():
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    return written
