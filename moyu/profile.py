@@ -65,7 +65,8 @@ class Profile:
     def check_model(self, model: nn.Module) -> None:
         """Refuse, in one line, to apply this profile to a model it was not made for."""
         fp = fingerprint(model)
-        if fp["weights_sha256"] != self.model.get("weights_sha256") or fp["d_ff"] != self.model.get("d_ff"):
+        keys = ("model_type", "layers", "d_model", "d_ff", "weights_sha256")
+        if any(fp[k] != self.model.get(k) for k in keys):
             made = self.model.get("name") or self.model.get("model_type")
             raise MoyuError(f"profile was made for model '{made}' ({self.model.get('model_type')}, "
                             f"{self.model.get('layers')} layers, weights {self.model.get('weights_sha256')}), "

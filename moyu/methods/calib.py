@@ -69,6 +69,7 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
     p = windows.prompt
 
     def keep(store: list, t: torch.Tensor) -> None:
+        t = t if t.dim() == 3 else t[None]   # OPT flattens batch and time: [T, F]
         store.append(t[0, p:][pos].detach().float().clone())
 
     handles = []
@@ -80,7 +81,8 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
             if "a" in streams:
                 keep(out.a[i], a)
             if prompts:
-                out.prompts[i].append(a[0, :p].detach().float().clone())
+                a3 = a if a.dim() == 3 else a[None]
+                out.prompts[i].append(a3[0, :p].detach().float().clone())
         handles.append(ml.down.register_forward_pre_hook(down_pre))
         if "x" in streams:
             handles.append(ml.up.register_forward_pre_hook(lambda _m, args, i=i: keep(out.x[i], args[0])))

@@ -14,7 +14,7 @@ from . import calib as C
 from .base import InputRule, NeuronRule, Sparsifier
 from .inputs import GROUP_STREAM, column_norms, greedy_thresholds, uniform_thresholds
 from .sequence import PromptThresholdRule, PromptTopKRule, griffin_stat
-from .token import GateThresholdRule, ReluRule, TopKRule, down_norms, tau_for_cett
+from .token import GateThresholdRule, ReluRule, TopKRule, cett_of_mask, tau_for_cett
 
 
 class Method:
@@ -49,11 +49,16 @@ class Method:
             samples = C.collect(model, ids, windows, self.streams, per_window=p.get("per_window", 64),
                                 max_windows=p.get("calib_windows", 16), prompts=self.prompts,
                                 progress=progress)
-        achieved = [self.fit_layer(prof, ml, samples, target, p) for ml in layers]
+        achieved = self.fit(prof, layers, samples, target, p)
         prof.calib = {"sparsity_per_layer": [round(float(v), 4) for v in achieved],
                       "sparsity": round(float(sum(achieved) / len(achieved)), 4),
                       "tokens": 0 if ids is None else int(len(ids))}
         return prof
+
+    def fit(self, prof: Profile, layers: list[MLPLayer], samples: C.CalibSamples | None,
+            target: dict[str, float], params: dict[str, Any]) -> list[float]:
+        """Fit every layer (layer by layer unless a method allocates across layers)."""
+        return [self.fit_layer(prof, ml, samples, target, params) for ml in layers]
 
     def fit_layer(self, prof: Profile, ml: MLPLayer, samples: C.CalibSamples | None,
                   target: dict[str, float], params: dict[str, Any]) -> float:
@@ -118,15 +123,49 @@ class Cats(Method):
 
 class Cett(Method):
     name = "cett"
-    summary = ("per token, CATS-style threshold (|act(gate)|, or |a| for plain MLPs) with tau_l set "
-               "so the dropped part's CETT meets a budget (quality-first)")
+    summary = ("per token, CATS-style threshold (|act(gate)|, or |a| for plain MLPs); with --cett B "
+               "every layer drops CETT <= B, with --sparsity S one shared CETT level is found so the "
+               "average sparsity is S (error-equalised allocation across layers)")
     streams = {"a", "g"}
     defaults = {"per_window": 32}
 
-    def fit_layer(self, prof, ml, samples, target, params):
-        budget = target.get("cett", 0.2)
+    def _score(self, ml: MLPLayer, samples: C.CalibSamples) -> tuple[torch.Tensor, torch.Tensor]:
         a = samples.cat("a", ml.index)
-        score = ml.act(samples.cat("g", ml.index)).abs() if ml.gated else a.abs()
+        return a, (ml.act(samples.cat("g", ml.index)).abs() if ml.gated else a.abs())
+
+    def fit(self, prof, layers, samples, target, params):
+        if "cett" in target:
+            return super().fit(prof, layers, samples, target, params)
+        s = target["sparsity"]
+        if s == 0:
+            for ml in layers:
+                prof.set_layer(ml.index, "tau", torch.tensor(-1.0))
+            return [0.0] * len(layers)
+        grid = [i / 40 for i in range(1, 40)]
+        curves = []   # per layer: mean CETT at each sparsity of the grid
+        for ml in layers:
+            a, score = self._score(ml, samples)
+            w = ml.w_down.detach().float()
+            taus = [C.quantile(score, q) for q in grid]
+            curves.append((taus, [float(cett_of_mask(a, score > t, w).mean()) for t in taus]))
+
+        def allocate(level: float) -> list[int]:
+            return [max([j for j, c in enumerate(cs) if c <= level], default=-1) for _, cs in curves]
+
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # bisection on the shared CETT level
+            mid = (lo + hi) / 2
+            got = sum(grid[j] if j >= 0 else 0.0 for j in allocate(mid)) / len(layers)
+            lo, hi = (mid, hi) if got < s else (lo, mid)
+        out = []
+        for ml, j, (taus, _) in zip(layers, allocate(hi), curves):
+            prof.set_layer(ml.index, "tau", torch.tensor(taus[j] if j >= 0 else -1.0))
+            out.append(grid[j] if j >= 0 else 0.0)
+        return out
+
+    def fit_layer(self, prof, ml, samples, target, params):
+        a, score = self._score(ml, samples)
+        budget = target["cett"]
         tau, q = tau_for_cett(ml, a, score, budget) if budget > 0 else (-1.0, 0.0)
         prof.set_layer(ml.index, "tau", torch.tensor(tau))
         return q
