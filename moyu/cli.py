@@ -227,15 +227,18 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=2048, help="eval-corpus tokens for perplexity")
+    p.add_argument("--tokens", type=int, default=2048 + 257, help="eval-corpus tokens for perplexity")
+    p.add_argument("--method", default="sketch", help="method shown at --sparsity (default sketch)")
+    p.add_argument("--sparsity", type=float, default=0.5)
 
 
-@command("demo", "the main job: generate, evaluate, summarise (what `make demo` runs)")
+@command("demo", "the main job: generate, evaluate, sparsify, summarise (what `make demo` runs)")
 @options(_configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import data
-    from .evaluate import Windows, evaluate
+    from .evaluate import DenseReference, Windows, evaluate
     from .generate import generate
+    from .methods import calibrate, calibration_ids, sparsify
 
     t0 = time.perf_counter()
     model, tok = load_model(args)
@@ -244,10 +247,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gen = generate(model, tok, args.prompt, args.max_new_tokens)
     print(f"\n> {args.prompt}\n{gen.text}\n({gen.new_tokens} tokens, {gen.tokens_per_s:.1f} tok/s "
           "with HF generate)")
+
     ids = data.tokens(tok, "eval", args.tokens)
-    res = evaluate(model, ids, Windows(), progress=True)
+    ref = DenseReference()
+    res = evaluate(model, ids, Windows(), reference=ref, progress=True)
     print(f"\ndense perplexity on the eval corpus: {res.ppl:.3f} ({res.tokens} scored tokens, "
           f"{res.seconds:.1f} s)")
+
+    prof = calibrate(model, calibration_ids(tok, 4096), method=args.method, sparsity=args.sparsity,
+                     progress=True)
+    sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
+    print(f"{args.method} at {args.sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
+          f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "
+          f"KL {sp.kl:.4f}, top-1 agreement {sp.top1_agree:.3f}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     return 0
 
