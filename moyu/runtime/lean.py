@@ -1,0 +1,331 @@
+"""The batch-1 decode loop: static KV cache, plain torch ops, pluggable MLP and linears."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MoyuError
+from .convert import LeanLayer, LeanSpec, build_spec
+from .steps import (DenseLinear, LinearFactory, MLPFactory, check_dtype, dense_linear_factory,
+                    dense_mlp_factory)
+
+
+@dataclass
+class Timings:
+    """Wall-clock split of one :meth:`LeanModel.generate` call."""
+
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode tokens per second (the first new token comes from prefill)."""
+        return max(self.new_tokens - 1, 0) / max(self.decode_s, 1e-9)
+
+    @property
+    def tok_s(self) -> float:
+        """New tokens per second, prefill included."""
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+def _rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotary embedding in place on ``x [..., hd]`` (rotate-half pairing, first ``2*len(cos)`` dims)."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    t = x1 * sin
+    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
+    x2.mul_(cos).add_(t)
+
+
+class LeanModel:
+    """A causal LM converted for fast batch-1 decoding on CPU.
+
+    Build with :meth:`from_hf`; then :meth:`prefill` a prompt and :meth:`decode_step`
+    token by token, or :meth:`generate`. The HF model may be deleted after conversion.
+    """
+
+    def __init__(self, spec: LeanSpec, max_seq: int, dtype: torch.dtype):
+        self.spec = spec
+        self.dtype = dtype
+        if spec.max_positions is not None:
+            max_seq = min(max_seq, spec.max_positions)
+        self.max_seq = max_seq
+        s = spec
+        self.qn, self.kn = s.n_heads * s.head_dim, s.n_kv * s.head_dim
+        self.group = s.n_heads // s.n_kv
+        shape = (len(s.layers), s.n_kv, max_seq, s.head_dim)
+        self.k_cache = torch.zeros(shape)
+        self.v_cache = torch.zeros(shape)
+        self.pos = 0
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
+                linear_factory: LinearFactory | None = None, dtype: torch.dtype = torch.float32,
+                max_seq: int = 2048) -> "LeanModel":
+        """Convert an HF causal LM (fp32 weights on CPU).
+
+        Args:
+            model: a supported ``*ForCausalLM`` (see :mod:`moyu.arch`).
+            mlp_factory: ``MLPLayer -> MLPStep``; default dense (kernels' dense path).
+            linear_factory: ``(layer_index, role, weight [out, in], bias) -> step`` for the
+                attention projections (roles ``q``, ``k``, ``v``, ``qkv``, ``o``). Without it the
+                separate q/k/v are fused into one dense ``qkv``; GPT-NeoX's ``qkv`` rows are
+                passed reordered to ``[q; k; v]``.
+            dtype: storage of the weights, float32 or bfloat16 (activations stay fp32).
+            max_seq: KV cache length (prompt + new tokens).
+        """
+        check_dtype(dtype)
+        mlp_factory = mlp_factory or dense_mlp_factory(dtype)
+        default = dense_linear_factory(dtype)
+        with torch.inference_mode():
+            spec = build_spec(model, mlp_factory, linear_factory, default, max_seq)
+            head = model.get_output_embeddings()
+            tied = head.weight.data_ptr() == spec.embed.data_ptr()
+            spec.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), dtype)
+            if dtype != torch.float32:
+                spec.embed = (spec.lm_head.packed.wt.t() if tied and spec.lm_head.packed is not None
+                              else spec.embed.to(dtype))
+        lean = cls(spec, max_seq, dtype)
+        lean._tied = tied
+        return lean
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget the sequence (the cache is overwritten, not cleared)."""
+        self.pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights held (shared tensors counted once; KV cache excluded)."""
+        s, seen, total = self.spec, set(), 0
+
+        def add(obj) -> None:
+            nonlocal total
+            if obj is None:
+                return
+            if isinstance(obj, Tensor):
+                key, n = obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes()
+            else:
+                key, n = id(obj), getattr(obj, "nbytes", 0)
+            if key not in seen:
+                seen.add(key)
+                total += n
+
+        add(s.embed), add(s.lm_head), add(s.final_norm), add(s.pos_table)
+        add(s.project_in), add(s.project_out)
+        for L in s.layers:
+            for obj in (*L.qkv, L.o, L.mlp, L.ln_attn, L.ln_mlp, L.ln_attn_out, L.ln_mlp_out,
+                        L.q_norm, L.k_norm):
+                add(obj)
+        return total
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the static KV cache."""
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def kept(self) -> list[int]:
+        """Neurons each layer's MLP step computed at the last decode step."""
+        return [L.mlp.kept for L in self.spec.layers]
+
+    # ----------------------------------------------------------------- pieces
+    def _embed(self, ids: Tensor, pos0: int) -> Tensor:
+        s = self.spec
+        h = F.embedding(ids, s.embed).float()
+        if s.embed_scale != 1.0:
+            h = h * s.embed_scale
+        if s.project_in is not None:
+            h = s.project_in(h)
+        if s.pos_table is not None:
+            p0 = pos0 + s.pos_offset
+            h = h + s.pos_table[p0:p0 + ids.shape[0]]
+        return h
+
+    def _head(self, h: Tensor) -> Tensor:
+        s = self.spec
+        if s.final_norm is not None:
+            h = s.final_norm(h)
+        if s.project_out is not None:
+            h = s.project_out(h)
+        logits = s.lm_head(h)
+        if s.logit_scale != 1.0:
+            logits = logits * s.logit_scale
+        if s.final_softcap:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        return logits
+
+    def _qkv(self, L: LeanLayer, x: Tensor) -> Tensor:
+        if len(L.qkv) == 1:
+            out = L.qkv[0](x)
+        else:
+            out = torch.cat([f(x) for f in L.qkv], dim=-1)
+        if L.clip is not None:
+            out = out.clamp(-L.clip, L.clip)
+        return out
+
+    def _split_rope(self, L: LeanLayer, qkv: Tensor, pos: slice | int) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``[..., H, hd]``, k, v ``[..., Hkv, hd]`` with q/k norms and RoPE applied."""
+        s, qn, kn = self.spec, self.qn, self.kn
+        lead = qkv.shape[:-1]
+        q = qkv[..., :qn].view(*lead, s.n_heads, s.head_dim)
+        k = qkv[..., qn:qn + kn].view(*lead, s.n_kv, s.head_dim)
+        v = qkv[..., qn + kn:].view(*lead, s.n_kv, s.head_dim)
+        if L.q_norm is not None:
+            q, k = L.q_norm(q), L.k_norm(k)
+        if L.rope >= 0:
+            cos, sin = s.rope_cos[L.rope][pos], s.rope_sin[L.rope][pos]
+            if isinstance(pos, slice):
+                cos, sin = cos[:, None], sin[:, None]
+            if L.q_norm is None:  # q and k are adjacent in qkv: rotate both at once
+                _rope_(qkv[..., :qn + kn].view(*lead, s.n_heads + s.n_kv, s.head_dim), cos, sin)
+            else:
+                _rope_(q, cos, sin)
+                _rope_(k, cos, sin)
+        return q, k, v
+
+    def _attn_decode(self, li: int, L: LeanLayer, x: Tensor, pos: int) -> Tensor:
+        s = self.spec
+        q, k, v = self._split_rope(L, self._qkv(L, x), pos)
+        kc, vc = self.k_cache[li], self.v_cache[li]
+        kc[:, pos] = k
+        vc[:, pos] = v
+        lo = max(0, pos - L.window + 1) if L.window else 0
+        qg = (q * L.scale).view(s.n_kv, self.group, s.head_dim)
+        scores = torch.bmm(qg, kc[:, lo:pos + 1].transpose(1, 2))
+        if L.softcap:
+            scores = torch.tanh(scores / L.softcap) * L.softcap
+        p = torch.softmax(scores, dim=-1)
+        out = torch.bmm(p, vc[:, lo:pos + 1])
+        return L.o(out.view(self.qn))
+
+    def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
+        s, T = self.spec, x.shape[0]
+        q, k, v = self._split_rope(L, self._qkv(L, x), slice(0, T))
+        kc, vc = self.k_cache[li], self.v_cache[li]
+        kc[:, :T] = k.transpose(0, 1)
+        vc[:, :T] = v.transpose(0, 1)
+        qh = (q * L.scale).view(T, s.n_kv, self.group, s.head_dim).permute(1, 2, 0, 3)
+        scores = qh @ kc[:, None, :T].transpose(-1, -2)           # [Hkv, G, T, T]
+        if L.softcap:
+            scores = torch.tanh(scores / L.softcap) * L.softcap
+        i = torch.arange(T)
+        dist = i[:, None] - i[None, :]
+        bad = dist < 0
+        if L.window:
+            bad |= dist >= L.window
+        scores = scores.masked_fill(bad, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ vc[:, None, :T]      # [Hkv, G, T, hd]
+        return L.o(out.permute(2, 0, 1, 3).reshape(T, self.qn))
+
+    def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None) -> Tensor:
+        """One decoder layer; ``pos`` None = prefill of ``h [T, d]`` from position 0."""
+        s = self.spec
+        decode = pos is not None
+        mlp = L.mlp.decode if decode else L.mlp.prefill
+        x = h if s.post_ln else L.ln_attn(h)
+        a = self._attn_decode(li, L, x, pos) if decode else self._attn_prefill(li, L, x)
+        if L.ln_attn_out is not None:
+            a = L.ln_attn_out(a)
+        if s.parallel:
+            return h + a + mlp(L.ln_mlp(h))
+        if s.post_ln:
+            h = L.ln_attn(h + a)
+            return L.ln_mlp(h + mlp(h))
+        h = h + a if s.residual_mult == 1.0 else h + a * s.residual_mult
+        m = mlp(L.ln_mlp(h))
+        if L.ln_mlp_out is not None:
+            m = L.ln_mlp_out(m)
+        return h + m if s.residual_mult == 1.0 else h + m * s.residual_mult
+
+    def _check_room(self, n: int) -> None:
+        if self.pos + n > self.max_seq:
+            raise MoyuError(f"sequence of {self.pos + n} tokens exceeds the runtime's max_seq "
+                            f"{self.max_seq}: rebuild with LeanModel.from_hf(..., max_seq=N)")
+
+    def _prefill_hidden(self, ids: Tensor) -> Tensor:
+        ids = torch.as_tensor(ids).reshape(-1)
+        self.pos = 0
+        self._check_room(ids.shape[0])
+        h = self._embed(ids, 0)
+        for li, L in enumerate(self.spec.layers):
+            h = self._layer(li, L, h, None)
+        self.pos = ids.shape[0]
+        return h
+
+    # ----------------------------------------------------------------- public
+    @torch.inference_mode()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """Run the prompt ``ids`` (``[T]`` or ``[1, T]``) from position 0; logits of its last position."""
+        h = self._prefill_hidden(ids)
+        return self._head(h[-1])
+
+    @torch.inference_mode()
+    def decode_step(self, token_id: int | Tensor) -> Tensor:
+        """Append one token at the current position; its next-token logits ``[vocab]``."""
+        self._check_room(1)
+        pos = self.pos
+        h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
+        for li, L in enumerate(self.spec.layers):
+            h = self._layer(li, L, h, pos)
+        self.pos = pos + 1
+        return self._head(h)
+
+    @torch.inference_mode()
+    def logits(self, ids: Tensor, n_prefill: int = 1) -> Tensor:
+        """Teacher-forced logits ``[T, vocab]``: prefill of the first ``n_prefill`` tokens, then
+        one :meth:`decode_step` per token (what generation does, position by position)."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        h = self._prefill_hidden(ids[:n_prefill])
+        rows = [self._head(h)]
+        rows += [self.decode_step(int(t))[None] for t in ids[n_prefill:]]
+        return torch.cat(rows)
+
+    @torch.inference_mode()
+    def generate(self, ids: Tensor, max_new_tokens: int, greedy: bool = True,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | list[int] | None = None) -> tuple[Tensor, Timings]:
+        """Generate after the prompt ``ids``.
+
+        Returns the new tokens ``[n]`` (int64) and :class:`Timings` (prefill / decode seconds).
+        Stops early only at ``eos_token_id`` when given (the eos token is included).
+        """
+        ids = torch.as_tensor(ids).reshape(-1)
+        self._check_room_total(ids.shape[0] + max_new_tokens - 1)
+        gen = None if greedy else torch.Generator().manual_seed(seed if seed is not None else 0)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        out: list[int] = []
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            tok = self._pick(logits, greedy, temperature, top_p, gen)
+            out.append(tok)
+            if tok in eos or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(tok)
+        t2 = time.perf_counter()
+        return torch.tensor(out, dtype=torch.long), Timings(t1 - t0, t2 - t1, ids.shape[0], len(out))
+
+    def _check_room_total(self, n: int) -> None:
+        if n > self.max_seq:
+            raise MoyuError(f"prompt + new tokens = {n} exceeds the runtime's max_seq "
+                            f"{self.max_seq}: rebuild with LeanModel.from_hf(..., max_seq=N)")
+
+    @staticmethod
+    def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float,
+              gen: torch.Generator | None) -> int:
+        if greedy or temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            drop = (torch.cumsum(sp, 0) - sp) > top_p
+            sp[drop] = 0.0
+            return int(si[torch.multinomial(sp, 1, generator=gen)])
+        return int(torch.multinomial(probs, 1, generator=gen))
