@@ -31,7 +31,7 @@ def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     """Symmetric per-row quantisation: (int8 codes, fp32 scales) with w ~= codes * scales."""
     levels = 2 ** (bits - 1) - 1
     scale = (w.detach().float().abs().amax(dim=1, keepdim=True) / levels).clamp_min(1e-12)
-    codes = (w.detach().float() / scale).round().clamp(-levels, levels).to(torch.int8)
+    codes = (w.detach().float() / scale).round().clamp(-levels, levels).to(torch.int8).contiguous()
     return codes, scale.squeeze(1)
 
 

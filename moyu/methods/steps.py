@@ -1,0 +1,154 @@
+"""Decode-time MLP steps: the same rules as evaluation, on kernels that skip unread weights.
+
+``mlp_factory(model, profile)`` returns a function ``MLPLayer -> MLPStep`` for the lean
+runtime (:mod:`moyu.runtime`). Each step runs the prompt densely in ``prefill`` and one
+token per ``decode`` call, choosing neurons with the very rule objects the evaluation
+hooks use, so the quality ``moyu eval`` reports is the quality of what ``moyu bench``
+times (``tests/test_steps.py`` checks kept sets and logits agree).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..arch import MLPLayer
+from ..errors import MoyuError
+from ..kernels import PackedMLP, pack_mlp, sparse_mlp, sparse_mlp_threshold
+from ..kernels.packing import activation_id
+from ..profile import Profile
+from . import get_method
+from .base import LayerInputs, NeuronRule
+from .learned import PredictorRule, RouterRule
+from .native import SketchRule
+from .sequence import PromptTopKRule
+from .token import GateThresholdRule, ReluRule
+
+_ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh",
+              "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+              "GELUActivation": "gelu", "GELU": "gelu", "ReLU": "relu", "ReLUActivation": "relu"}
+
+
+def act_name(ml: MLPLayer) -> str:
+    """The kernels' name for a layer's activation module; one-line error if unknown."""
+    name = type(ml.act).__name__
+    if name == "GELU" and getattr(ml.act, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    if name not in _ACT_NAMES:
+        raise MoyuError(f"activation {name} has no sparse kernel: supported are "
+                        f"{sorted(set(_ACT_NAMES.values()))}")
+    return _ACT_NAMES[name]
+
+
+def pack_layer(ml: MLPLayer, dtype: torch.dtype = torch.float32, act: str | None = None) -> PackedMLP:
+    """One layer's MLP weights packed for the kernels."""
+    f = (lambda t: None if t is None else t.detach())
+    return pack_mlp(f(ml.w_up), f(ml.w_down), act or act_name(ml), w_gate=f(ml.w_gate),
+                    b_up=f(ml.b_up), b_gate=f(ml.b_gate), b_down=f(ml.b_down), dtype=dtype)
+
+
+class DenseStep:
+    """Every neuron, through the same kernel the sparse steps use."""
+
+    def __init__(self, ml: MLPLayer, dtype: torch.dtype = torch.float32):
+        self.packed = pack_layer(ml, dtype)
+        self.kept = ml.d_ff
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense MLP over prompt rows [T, d]."""
+        return sparse_mlp(x, self.packed, None)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense MLP for one token [d]."""
+        return sparse_mlp(x, self.packed, None)
+
+
+class IndexStep(DenseStep):
+    """Token-level rule: the rule's mask on this token gives the kept indices."""
+
+    def __init__(self, ml: MLPLayer, rule: NeuronRule, dtype: torch.dtype = torch.float32):
+        super().__init__(ml, dtype)
+        self.ml, self.rule = ml, rule
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Kept neuron indices for one token."""
+        x3 = x.reshape(1, 1, -1)
+        inp = LayerInputs(x=x3)
+        dummy = x3.new_empty(1, 1, self.ml.d_ff)
+        return self.rule.mask(dummy, inp).reshape(-1).nonzero().squeeze(1).to(torch.int32)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.select(x)
+        self.kept = int(idx.numel())
+        return sparse_mlp(x, self.packed, idx)
+
+
+class ThresholdStep(DenseStep):
+    """CATS / ReLU: the fused kernel reads the gate, then up/down only for kept neurons."""
+
+    def __init__(self, ml: MLPLayer, tau: float, relu: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__(ml, dtype)
+        # ReLU runs only at decode; the prompt keeps the model's own activation (same weights)
+        self.sparse = replace(self.packed, act="relu", act_id=activation_id("relu")) if relu else self.packed
+        self.tau = tau
+        self.mode = "gate" if ml.gated else "act"
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.kept = sparse_mlp_threshold(x, self.sparse, self.tau, mode=self.mode)
+        return y
+
+
+class PromptStep(DenseStep):
+    """GRIFFIN / TDA: choose the set from the prompt, slice the weights once, decode densely on the slice."""
+
+    def __init__(self, ml: MLPLayer, rule: PromptTopKRule, dtype: torch.dtype = torch.float32):
+        super().__init__(ml, dtype)
+        self.ml, self.rule = ml, rule
+        self.sliced: PackedMLP | None = None
+        self.slice_seconds = 0.0
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+        t0 = time.perf_counter()
+        a = self.ml.intermediate(x)
+        keep = self.rule.choose(a[None], LayerInputs())[0]
+        idx = keep.nonzero().squeeze(1).to(torch.int32)
+        self.sliced = self.packed.slice(idx)
+        self.kept = int(idx.numel())
+        self.slice_seconds = time.perf_counter() - t0
+        return sparse_mlp(x, self.packed, None)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sliced is None:
+            raise MoyuError("a sequence-level method needs the prompt first: call prefill")
+        return sparse_mlp(x, self.sliced, None)
+
+
+def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32
+                ) -> Callable[[MLPLayer], DenseStep]:
+    """``MLPLayer -> step`` for the runtime, built from the same rules evaluation uses."""
+    method = get_method(profile.method)
+    if method.granularity == "input":
+        raise MoyuError(f"method '{profile.method}' sparsifies linear inputs; its decode path is "
+                        "not in the lean runtime yet (evaluate it with `moyu eval`)")
+    if profile.method == "oracle" and profile.target.get("sparsity", 0) > 0:
+        raise MoyuError("oracle computes every neuron to pick the best: it is the quality "
+                        "ceiling and has no speed path; bench another method")
+    profile.check_model(model)
+
+    def make(ml: MLPLayer) -> DenseStep:
+        rule = method.neuron_rule(profile, ml)
+        if rule is None:
+            return DenseStep(ml, dtype)
+        if isinstance(rule, ReluRule):
+            return ThresholdStep(ml, rule.tau, relu=True, dtype=dtype)
+        if isinstance(rule, GateThresholdRule):
+            return ThresholdStep(ml, rule.tau, dtype=dtype)
+        if isinstance(rule, PromptTopKRule):
+            return PromptStep(ml, rule, dtype)
+        if isinstance(rule, (SketchRule, PredictorRule, RouterRule)):
+            return IndexStep(ml, rule, dtype)
+        raise MoyuError(f"method '{profile.method}' has no decode step")
+    return make

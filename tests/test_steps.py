@@ -1,0 +1,78 @@
+"""Decode steps compute what the evaluation hooks compute: same kept neurons, same output."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moyu import MoyuError
+from moyu.arch import mlp_layers
+from moyu.evaluate import Windows
+from moyu.methods import calibrate
+from moyu.methods.base import LayerInputs
+from moyu.methods.steps import mlp_factory
+from moyu.tiny import tiny_model
+
+W = Windows(prompt=12, scored=12)
+
+
+def _ids(n, seed):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(ml, x, keep):
+    """The masked dense MLP: what the evaluation hook gives for this keep-mask."""
+    a = ml.intermediate(x) * keep.to(x.dtype)
+    return torch.nn.functional.linear(a, ml.w_down, ml.b_down)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "opt"])
+@pytest.mark.parametrize("method", ["dense", "cats", "sketch", "dejavu", "moe", "relu", "griffin", "tda", "cett"])
+def test_step_matches_masked_reference(arch, method):
+    model = tiny_model(arch)
+    try:
+        prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
+    except MoyuError as e:
+        assert "gated MLP" in str(e)
+        return
+    factory = mlp_factory(model, prof)
+    from moyu.methods import get_method
+    torch.manual_seed(0)
+    for ml in mlp_layers(model):
+        step = factory(ml)
+        rule = get_method(method).neuron_rule(prof, ml)
+        d = ml.w_up.shape[1]
+        prompt = torch.randn(10, d)
+        x = torch.randn(d)
+        with torch.inference_mode():
+            y_prompt = step.prefill(prompt)
+            assert torch.allclose(y_prompt, _reference(ml, prompt, torch.ones(ml.d_ff, dtype=torch.bool)), atol=1e-4)
+            y = step.decode(x)
+            if rule is None:
+                keep = torch.ones(ml.d_ff, dtype=torch.bool)
+            elif rule.sequence:
+                keep = rule.choose(ml.intermediate(prompt)[None], LayerInputs())[0]
+            else:
+                a = ml.intermediate(x)[None, None]
+                inp = LayerInputs(x=x[None, None])
+                if ml.gated:
+                    inp.g = torch.nn.functional.linear(x, ml.w_gate, ml.b_gate)[None, None]
+                inp.u = torch.nn.functional.linear(x, ml.w_up, ml.b_up)[None, None]
+                keep = rule.mask(a, inp)[0, 0]
+                if method == "relu":   # ReLU swaps the activation, not only the kept set
+                    pre = inp.g if ml.gated else inp.u
+                    act = torch.relu(pre[0, 0]) * keep
+                    a_ref = act * inp.u[0, 0] if ml.gated else act
+                    ref = torch.nn.functional.linear(a_ref, ml.w_down, ml.b_down)
+                    assert torch.allclose(y, ref, atol=1e-4)
+                    assert step.kept == int(keep.sum())
+                    continue
+            assert step.kept == int(keep.sum())
+            assert torch.allclose(y, _reference(ml, x, keep), atol=1e-4)
+
+
+def test_oracle_and_input_methods_have_no_decode_step():
+    model = tiny_model("llama")
+    for method in ("oracle", "teal"):
+        prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
+        with pytest.raises(MoyuError):
+            mlp_factory(model, prof)
