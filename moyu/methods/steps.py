@@ -16,8 +16,9 @@ from torch import nn
 
 from ..arch import MLPLayer
 from ..errors import MoyuError
-from ..kernels import PackedMLP, pack_mlp, sparse_mlp, sparse_mlp_threshold
+from ..kernels import PackedMLP, sparse_mlp, sparse_mlp_threshold
 from ..kernels.packing import activation_id
+from ..runtime.steps import DenseMLPStep
 from ..profile import Profile
 from . import get_method
 from .base import LayerInputs, NeuronRule
@@ -26,46 +27,9 @@ from .native import SketchRule
 from .sequence import PromptTopKRule
 from .token import GateThresholdRule, ReluRule
 
-_ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh",
-              "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-              "GELUActivation": "gelu", "GELU": "gelu", "ReLU": "relu", "ReLUActivation": "relu"}
 
 
-def act_name(ml: MLPLayer) -> str:
-    """The kernels' name for a layer's activation module; one-line error if unknown."""
-    name = type(ml.act).__name__
-    if name == "GELU" and getattr(ml.act, "approximate", "none") == "tanh":
-        return "gelu_tanh"
-    if name not in _ACT_NAMES:
-        raise MoyuError(f"activation {name} has no sparse kernel: supported are "
-                        f"{sorted(set(_ACT_NAMES.values()))}")
-    return _ACT_NAMES[name]
-
-
-def pack_layer(ml: MLPLayer, dtype: torch.dtype = torch.float32, act: str | None = None) -> PackedMLP:
-    """One layer's MLP weights packed for the kernels."""
-    f = (lambda t: None if t is None else t.detach())
-    return pack_mlp(f(ml.w_up), f(ml.w_down), act or act_name(ml), w_gate=f(ml.w_gate),
-                    b_up=f(ml.b_up), b_gate=f(ml.b_gate), b_down=f(ml.b_down), dtype=dtype)
-
-
-class DenseStep:
-    """Every neuron, through the same kernel the sparse steps use."""
-
-    def __init__(self, ml: MLPLayer, dtype: torch.dtype = torch.float32):
-        self.packed = pack_layer(ml, dtype)
-        self.kept = ml.d_ff
-
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense MLP over prompt rows [T, d]."""
-        return sparse_mlp(x, self.packed, None)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense MLP for one token [d]."""
-        return sparse_mlp(x, self.packed, None)
-
-
-class IndexStep(DenseStep):
+class IndexStep(DenseMLPStep):
     """Token-level rule: the rule's mask on this token gives the kept indices."""
 
     def __init__(self, ml: MLPLayer, rule: NeuronRule, dtype: torch.dtype = torch.float32):
@@ -85,7 +49,7 @@ class IndexStep(DenseStep):
         return sparse_mlp(x, self.packed, idx)
 
 
-class ThresholdStep(DenseStep):
+class ThresholdStep(DenseMLPStep):
     """CATS / ReLU: the fused kernel reads the gate, then up/down only for kept neurons."""
 
     def __init__(self, ml: MLPLayer, tau: float, relu: bool = False, dtype: torch.dtype = torch.float32):
@@ -100,7 +64,7 @@ class ThresholdStep(DenseStep):
         return y
 
 
-class PromptStep(DenseStep):
+class PromptStep(DenseMLPStep):
     """GRIFFIN / TDA: choose the set from the prompt, slice the weights once, decode densely on the slice."""
 
     def __init__(self, ml: MLPLayer, rule: PromptTopKRule, dtype: torch.dtype = torch.float32):
@@ -111,14 +75,14 @@ class PromptStep(DenseStep):
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         import time
+        y = super().prefill(x)
         t0 = time.perf_counter()
-        a = self.ml.intermediate(x)
-        keep = self.rule.choose(a[None], LayerInputs())[0]
+        keep = self.rule.choose(self.ml.intermediate(x)[None], LayerInputs())[0]
         idx = keep.nonzero().squeeze(1).to(torch.int32)
         self.sliced = self.packed.slice(idx)
         self.kept = int(idx.numel())
         self.slice_seconds = time.perf_counter() - t0
-        return sparse_mlp(x, self.packed, None)
+        return y
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.sliced is None:
@@ -127,7 +91,7 @@ class PromptStep(DenseStep):
 
 
 def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32
-                ) -> Callable[[MLPLayer], DenseStep]:
+                ) -> Callable[[MLPLayer], DenseMLPStep]:
     """``MLPLayer -> step`` for the runtime, built from the same rules evaluation uses."""
     method = get_method(profile.method)
     if method.granularity == "input":
@@ -138,10 +102,10 @@ def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.f
                         "ceiling and has no speed path; bench another method")
     profile.check_model(model)
 
-    def make(ml: MLPLayer) -> DenseStep:
+    def make(ml: MLPLayer) -> DenseMLPStep:
         rule = method.neuron_rule(profile, ml)
         if rule is None:
-            return DenseStep(ml, dtype)
+            return DenseMLPStep(ml, dtype)
         if isinstance(rule, ReluRule):
             return ThresholdStep(ml, rule.tau, relu=True, dtype=dtype)
         if isinstance(rule, GateThresholdRule):
