@@ -28,7 +28,6 @@ from .sequence import PromptTopKRule
 from .token import GateThresholdRule, ReluRule
 
 
-
 class IndexStep(DenseMLPStep):
     """Token-level rule: the rule's mask on this token gives the kept indices."""
 
