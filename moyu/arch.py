@@ -50,7 +50,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
-    "gemma3": _LLAMA,
+    # model_type "gemma3" is the multimodal Gemma3ForConditionalGeneration: its decoder
+    # sits under the language model (the text-only LM is "gemma3_text").
+    "gemma3": ArchSpec(layers="model.language_model.layers", mlp="mlp", gate="gate_proj",
+                       up="up_proj", down="down_proj", act="act_fn"),
     "gemma3_text": _LLAMA,
     "granite": _LLAMA,
     "olmo": _LLAMA,

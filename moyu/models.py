@@ -155,12 +155,16 @@ def builtin_gguf(name: str) -> Path:
     return parts[0] if b.joined_name is None else _join_parts(b, parts)
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file that is not a complete GGUF, in one line."""
+def _check_magic(path: Path) -> None:
     with open(path, "rb") as fh:
         if fh.read(4) != _GGUF_MAGIC:
             raise MoyuError(f"{path} is not a GGUF file (bad magic): pass a .gguf model file, "
                             "a Hugging Face folder, or a built-in name")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF, in one line."""
+    _check_magic(path)
     try:
         from gguf import GGUFReader
 
@@ -179,6 +183,7 @@ def check_gguf(path: Path) -> None:
 def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_magic(gguf)  # before hashing: a large non-GGUF file is refused at once
     key = file_hash(gguf)[:16]
     entry = cache_dir() / "models" / key
     if not (entry / "moyu.json").is_file():
@@ -186,9 +191,14 @@ def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool) -> tuple[nn.Module
         t0 = time.perf_counter()
         if verbose:
             print(f"moyu: dequantising {gguf.name} once (cached for later loads) ...", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (ValueError, KeyError, NotImplementedError) as e:  # e.g. an architecture transformers cannot read
+            msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise MoyuError(f"transformers cannot load {gguf} ({msg}): use a GGUF of a supported "
+                            "architecture or a Hugging Face folder") from None
         # save_pretrained refuses a model that still carries the GGUF quantiser marker.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -251,7 +261,11 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
         model, tok = _from_gguf(path, dtype, verbose)
     elif path.is_dir():
         model, tok = _from_dir(path, dtype)
-    elif name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.lower().endswith(".gguf"):
+        # clearly a path: say so now rather than asking the hub (slow when offline)
+        raise MoyuError(f"model file or folder '{name_or_path}' not found: check the path, or use "
+                        f"a built-in name ({', '.join(BUILTINS)}); see `moyu models`")
+    elif name_or_path.count("/") == 1:
         model, tok = _from_hub(name_or_path, dtype)
     else:
         raise MoyuError(f"unknown model '{name_or_path}': use a built-in name "
