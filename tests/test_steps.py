@@ -76,3 +76,28 @@ def test_oracle_and_input_methods_have_no_decode_step():
         prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
         with pytest.raises(MoyuError):
             mlp_factory(model, prof)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("method", ["cats", "sketch", "griffin", "tda", "dejavu", "moe"])
+def test_runtime_logits_equal_evaluation_path(arch, method):
+    """One truth: the lean runtime with a profile gives the logits the evaluation hooks give."""
+    from moyu.methods import sparsify
+    from moyu.runtime import LeanModel
+
+    model = tiny_model(arch)
+    try:
+        prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
+    except MoyuError as e:
+        assert "gated MLP" in str(e)
+        return
+    ids, p = _ids(28, 7), 14
+    sp = sparsify(model, prof)
+    with torch.inference_mode(), sp:
+        sp.begin(p)
+        hooked = model(ids[None]).logits[0]
+    lean = LeanModel.from_hf(model, mlp_factory=mlp_factory(model, prof), max_seq=64)
+    ran = lean.logits(ids, n_prefill=p)
+    assert torch.allclose(ran, hooked, atol=2e-4), (ran - hooked).abs().max()
+    kept = lean.kept()
+    assert sum(kept) < len(kept) * mlp_layers(model)[0].d_ff
