@@ -88,7 +88,7 @@ class LeanSpec:
     n_kv: int
     head_dim: int
     layers: list[LeanLayer]
-    embed: Tensor                            # [vocab, d] token table (may be lm_head's)
+    embed: Tensor | None                     # [vocab, d] token table; None: the tied lm_head's rows
     lm_head: Callable[[Tensor], Tensor]
     final_norm: Norm | None
     embed_scale: float = 1.0

@@ -34,6 +34,13 @@ class Timings:
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
+# The attention core at batch 1 is microseconds of work, but bmm and softmax still enter an
+# OpenMP parallel region; with 2 threads on a busy 2-core machine each region can wait
+# milliseconds for a descheduled thread (measured: bmm + softmax + bmm 48 ms at 2 threads
+# vs 29 us at 1). So the core runs on one thread; set_num_threads costs ~0.3 us.
+_ONE_THREAD_BELOW = 1 << 22   # prefill scores elements (T * T * heads) still run on one thread
+
+
 def _rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotary embedding in place on ``x [..., hd]`` (rotate-half pairing, first ``2*len(cos)`` dims)."""
     half = cos.shape[-1]
@@ -41,6 +48,20 @@ def _rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     t = x1 * sin
     x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
     x2.mul_(cos).add_(t)
+
+
+def _tensors(obj, depth: int = 0):
+    """Tensors reachable from ``obj`` through lists and attributes (a few levels deep)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif depth > 3 or obj is None or isinstance(obj, (int, float, str, bool)):
+        return
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for o in vars(obj).values():
+            yield from _tensors(o, depth + 1)
 
 
 class LeanModel:
@@ -88,9 +109,10 @@ class LeanModel:
             head = model.get_output_embeddings()
             tied = head.weight.data_ptr() == spec.embed.data_ptr()
             spec.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), dtype)
-            if dtype != torch.float32:
-                spec.embed = (spec.lm_head.packed.wt.t() if tied and spec.lm_head.packed is not None
-                              else spec.embed.to(dtype))
+            if tied:  # one table: the packed lm_head serves the embedding lookups too
+                spec.embed = None
+            elif dtype != torch.float32:
+                spec.embed = spec.embed.to(dtype)
         lean = cls(spec, max_seq, dtype)
         lean._tied = tied
         return lean
@@ -103,27 +125,15 @@ class LeanModel:
     @property
     def nbytes(self) -> int:
         """Bytes of the weights held (shared tensors counted once; KV cache excluded)."""
-        s, seen, total = self.spec, set(), 0
-
-        def add(obj) -> None:
-            nonlocal total
-            if obj is None:
-                return
-            if isinstance(obj, Tensor):
-                key, n = obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes()
-            else:
-                key, n = id(obj), getattr(obj, "nbytes", 0)
-            if key not in seen:
-                seen.add(key)
-                total += n
-
-        add(s.embed), add(s.lm_head), add(s.final_norm), add(s.pos_table)
-        add(s.project_in), add(s.project_out)
+        s, seen = self.spec, {}
+        objs = [s.embed, s.lm_head, s.final_norm, s.pos_table, s.project_in, s.project_out]
         for L in s.layers:
-            for obj in (*L.qkv, L.o, L.mlp, L.ln_attn, L.ln_mlp, L.ln_attn_out, L.ln_mlp_out,
-                        L.q_norm, L.k_norm):
-                add(obj)
-        return total
+            objs += [*L.qkv, L.o, L.mlp, L.ln_attn, L.ln_mlp, L.ln_attn_out, L.ln_mlp_out,
+                     L.q_norm, L.k_norm]
+        for t in _tensors(objs):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
 
     @property
     def cache_nbytes(self) -> int:
@@ -137,7 +147,7 @@ class LeanModel:
     # ----------------------------------------------------------------- pieces
     def _embed(self, ids: Tensor, pos0: int) -> Tensor:
         s = self.spec
-        h = F.embedding(ids, s.embed).float()
+        h = s.lm_head.rows(ids) if s.embed is None else F.embedding(ids, s.embed).float()
         if s.embed_scale != 1.0:
             h = h * s.embed_scale
         if s.project_in is not None:
@@ -197,11 +207,16 @@ class LeanModel:
         vc[:, pos] = v
         lo = max(0, pos - L.window + 1) if L.window else 0
         qg = (q * L.scale).view(s.n_kv, self.group, s.head_dim)
+        threads = self._threads
+        if threads > 1:  # see _SMALL_OPS_ONE_THREAD
+            torch.set_num_threads(1)
         scores = torch.bmm(qg, kc[:, lo:pos + 1].transpose(1, 2))
         if L.softcap:
             scores = torch.tanh(scores / L.softcap) * L.softcap
         p = torch.softmax(scores, dim=-1)
         out = torch.bmm(p, vc[:, lo:pos + 1])
+        if threads > 1:
+            torch.set_num_threads(threads)
         return L.o(out.view(self.qn))
 
     def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
@@ -211,6 +226,10 @@ class LeanModel:
         kc[:, :T] = k.transpose(0, 1)
         vc[:, :T] = v.transpose(0, 1)
         qh = (q * L.scale).view(T, s.n_kv, self.group, s.head_dim).permute(1, 2, 0, 3)
+        threads = self._threads
+        small = threads > 1 and T * T * s.n_heads < _ONE_THREAD_BELOW
+        if small:
+            torch.set_num_threads(1)
         scores = qh @ kc[:, None, :T].transpose(-1, -2)           # [Hkv, G, T, T]
         if L.softcap:
             scores = torch.tanh(scores / L.softcap) * L.softcap
@@ -221,6 +240,8 @@ class LeanModel:
             bad |= dist >= L.window
         scores = scores.masked_fill(bad, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ vc[:, None, :T]      # [Hkv, G, T, hd]
+        if small:
+            torch.set_num_threads(threads)
         return L.o(out.permute(2, 0, 1, 3).reshape(T, self.qn))
 
     def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None) -> Tensor:
@@ -252,6 +273,7 @@ class LeanModel:
         ids = torch.as_tensor(ids).reshape(-1)
         self.pos = 0
         self._check_room(ids.shape[0])
+        self._threads = torch.get_num_threads()
         h = self._embed(ids, 0)
         for li, L in enumerate(self.spec.layers):
             h = self._layer(li, L, h, None)
@@ -269,6 +291,7 @@ class LeanModel:
     def decode_step(self, token_id: int | Tensor) -> Tensor:
         """Append one token at the current position; its next-token logits ``[vocab]``."""
         self._check_room(1)
+        self._threads = torch.get_num_threads()
         pos = self.pos
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
         for li, L in enumerate(self.spec.layers):

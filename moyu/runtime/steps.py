@@ -173,34 +173,41 @@ def dense_mlp_factory(dtype: torch.dtype = torch.float32) -> MLPFactory:
 
 
 class DenseLinear:
-    """``y = W x + b`` for the attention projections; float32 in and out.
+    """``y = W x + b`` for the attention projections and the lm_head; float32 in and out.
 
-    fp32 weights use ``F.linear``. bf16 weights use the kernels' input-sparse linear with
-    every channel (fp32 accumulation), or ``F.linear`` in bf16 when the kernels are absent.
+    With the kernels, the weight is packed as ``W^T`` and a single position goes through
+    ``input_sparse_linear`` with every channel: measured 2-4x faster than MKL's
+    ``F.linear`` gemv here, in fp32 and bf16. Prompts (2-D ``x``) use one fp32 GEMM.
+    Without the kernels, ``F.linear`` on the ``[out, in]`` weight.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype = torch.float32):
         w = weight.detach()
         self.bias = None if bias is None else bias.detach().float()
         self.packed = None
-        if dtype == torch.float32 or _kernels is None:
-            self.weight = w if w.dtype == dtype and w.is_contiguous() else w.to(dtype).contiguous()
-        else:
-            self.weight = None
+        self.weight = None
+        if _kernels is not None:
             self.packed = _kernels.pack_linear(w, self.bias, dtype)
+        else:
+            self.weight = w if w.dtype == dtype and w.is_contiguous() else w.to(dtype).contiguous()
         self.out_features = w.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed is not None:
             if x.dim() == 1:
                 return _kernels.input_sparse_linear(x, self.packed)
-            w = self.packed.wt.float()  # prefill: one fp32 GEMM beats bf16 here
-            y = x @ w
+            y = x @ self.packed.wt.float()
             return y if self.bias is None else y + self.bias
         if self.weight.dtype != torch.float32:
-            return F.linear(x.to(self.weight.dtype), self.weight).float() + (
-                0 if self.bias is None else self.bias)
+            y = F.linear(x.to(self.weight.dtype), self.weight).float()
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``W[ids]`` as float32 (the embedding lookup of a tied lm_head)."""
+        if self.packed is not None:
+            return self.packed.wt[:, ids].t().float()
+        return F.embedding(ids, self.weight).float()
 
     @property
     def nbytes(self) -> int:
