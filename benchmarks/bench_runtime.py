@@ -5,7 +5,7 @@ variants alike; reports the median tokens/s of each, the ratio to HF, a per-toke
 split of the runtime, and peak RSS of each variant in a fresh process.
 
     python benchmarks/bench_runtime.py [--runs 5] [--prompt 64] [--new 128] [--threads 2]
-        [--compile] [--no-profile] [--no-rss]
+        [--no-profile] [--no-rss]
 """
 from __future__ import annotations
 
@@ -135,7 +135,6 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd MLP steps")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-rss", action="store_true")
     args = ap.parse_args()
@@ -151,8 +150,6 @@ def main() -> None:
     leans["moyu bf16"] = LeanModel.from_hf(model, dtype=torch.bfloat16, max_seq=max_seq)
     variants = {"HF generate fp32": lambda: hf_tok_s(model, ids, args.new)}
     variants.update({k: (lambda l=l: lean_tok_s(l, ids, args.new)) for k, l in leans.items()})
-    if args.compile:
-        variants["moyu fp32 + compile"] = _compiled_variant(model, ids, args, max_seq)
 
     print(f"torch {torch.__version__} | CPU {cpu_name()} | {args.threads} threads | kernels "
           f"{backend_name()} | load avg {os.getloadavg()[0]:.1f} | prompt {args.prompt}, "
@@ -179,16 +176,6 @@ def main() -> None:
     if not args.no_rss:
         print("peak RSS (fresh process, load + 8 tokens; runtime after deleting the HF model): "
               + ", ".join(f"{v} {peak_rss_mb(v, args.threads):.0f} MB" for v in ("hf", "fp32", "bf16")))
-
-
-def _compiled_variant(model, ids, args, max_seq):
-    """Lean fp32 runtime whose per-layer decode pieces go through ``torch.compile``."""
-    lean = LeanModel.from_hf(model, dtype=torch.float32, max_seq=max_seq)
-    t0 = time.perf_counter()
-    lean.compile()
-    lean.generate(ids, 4)
-    print(f"torch.compile warm-up {time.perf_counter() - t0:.1f} s")
-    return lambda: lean_tok_s(lean, ids, args.new)
 
 
 if __name__ == "__main__":
