@@ -135,3 +135,15 @@ def model_entries(root: Path) -> list[Path]:
     """Cache entries (one folder per dequantised GGUF) under a cache root."""
     d = root / "models"
     return sorted(d.iterdir()) if d.is_dir() else []
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test of tiny models on one thread: tiny matmuls only lose to thread hand-offs
+    (30x slower when the machine is busy); restores the previous setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
