@@ -1,0 +1,98 @@
+"""Text data: the built-in corpus's two splits share no work, tokens are deterministic and
+sized as asked, and a user's file is read or refused in one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moyu import MoyuError, data
+
+
+def _one_line(e):
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_splits_are_disjoint_and_cover_the_corpus():
+    calib = {p.name for p in data._works("calib")}
+    evals = {p.name for p in data._works("eval")}
+    assert evals == {f"{w}_gut.txt" for w in data.EVAL_WORKS}
+    assert not calib & evals
+    assert calib | evals == {p.name for p in data.corpus_dir().glob("*_gut.txt")}
+    assert len(calib) >= 30 and not any("_gut_f" in n for n in calib | evals)
+
+
+def test_split_texts_do_not_overlap():
+    ev = data.corpus_text("eval")
+    ca = data.corpus_text("calib")
+    assert "To be, or not to be" in ev and "To be, or not to be" not in ca
+    assert "Out, damned spot" in ev and "Out, damned spot" not in ca
+    assert "Now is the winter of our discontent" in ca and "winter of our discontent" not in ev
+    assert "\n\n\n" not in ev and not ev.startswith((" ", "\n"))   # normalised layout
+    cut = data.corpus_text("eval", max_chars=5_000)
+    assert len(cut) == 5_000 and ev.startswith(cut)
+
+
+def test_tokens_are_deterministic_sized_and_split_specific(smollm):
+    _, tok = smollm
+    a = data.tokens(tok, "eval", 3_000)
+    b = data.tokens(tok, "eval", 3_000)
+    c = data.tokens(tok, "calib", 3_000)
+    assert a.dtype == torch.long and a.dim() == 1 and len(a) == 3_000
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the first tokens are exactly the tokenised start of the split
+    head = tok(data.corpus_text("eval", 2_000), add_special_tokens=False).input_ids
+    assert a[:100].tolist() == head[:100]
+
+
+def test_tokens_from_user_file(smollm, tmp_path):
+    _, tok = smollm
+    f = tmp_path / "prose.txt"
+    f.write_text("The cat sat on the mat. " * 50, encoding="utf-8")
+    ids = data.tokens(tok, "eval", None, text_file=str(f))
+    assert ids.tolist() == tok(f.read_text(), add_special_tokens=False).input_ids
+    assert len(data.tokens(tok, "eval", 20, text_file=str(f))) == 20
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "blank", "latin1", "folder"])
+def test_bad_text_file_is_one_line(tmp_path, kind):
+    f = tmp_path / "t.txt"
+    if kind == "empty":
+        f.write_bytes(b"")
+    elif kind == "blank":
+        f.write_text(" \n\t\n\n")
+    elif kind == "latin1":
+        f.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    elif kind == "folder":
+        f.mkdir()
+    with pytest.raises(MoyuError) as e:
+        data.read_text_file(f)
+    msg = _one_line(e)
+    assert str(f) in msg
+    assert {"missing": "not found", "empty": "empty", "blank": "empty", "latin1": "UTF-8",
+            "folder": "not found"}[kind] in msg
+
+
+def test_unknown_split_and_missing_corpus(temp_cache):
+    with pytest.raises(MoyuError) as e:
+        data.corpus_text("train")
+    assert "calib" in _one_line(e) and "eval" in str(e.value)
+    with pytest.raises(MoyuError) as e:       # empty MOYU_CACHE: corpus not fetched there
+        data.corpus_text("eval")
+    assert "moyu.data fetch" in _one_line(e)
+
+
+def test_hub_dataset_without_datasets_package_is_one_line(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(MoyuError) as e:
+        data.dataset_text("wikitext:wikitext-2-raw-v1:test")
+    assert "datasets" in _one_line(e) and "--text" in str(e.value)

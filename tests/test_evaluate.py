@@ -1,0 +1,179 @@
+"""The evaluation protocol: window arithmetic, dense perplexity equal to a direct HF loss
+over the same scored tokens, and KL / top-1 of a modifier against dense."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moyu import MoyuError
+from moyu.arch import mlp_layers
+from moyu.evaluate import DenseReference, EvalResult, Windows, compare_logits, evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+W = Windows(prompt=16, scored=24)
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+class NoOp:
+    """A modifier that changes nothing."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def begin(self, prompt_len):
+        self.prompts.append(prompt_len)
+
+    def measured(self):
+        return {"sparsity": 0.0}
+
+
+class HalveMLP(NoOp):
+    """Scales every down-projection output by 0.5 on positions >= prompt_len."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.layers = mlp_layers(model)
+        self.handles = []
+
+    def __enter__(self):
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[:, self.prompts[-1]:] *= 0.5
+            return out
+        self.handles = [ml.down.register_forward_hook(hook) for ml in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def measured(self):
+        return {"sparsity": 0.25, "calls": len(self.prompts)}
+
+
+def test_window_starts():
+    w = Windows(prompt=4, scored=4)
+    assert w.starts(9) == [0]
+    assert w.starts(12) == [0]
+    assert w.starts(13) == [0, 4]
+    assert w.starts(21) == [0, 4, 8, 12]
+    assert Windows().starts(513) == [0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 8])
+def test_text_shorter_than_one_window_is_one_line(n):
+    with pytest.raises(MoyuError) as e:
+        Windows(prompt=4, scored=4).starts(n)
+    msg = str(e.value)
+    assert "\n" not in msg and "too short" in msg and f"{n} tokens" in msg and "9" in msg
+
+
+@pytest.mark.parametrize("w", [Windows(0, 4), Windows(4, 0), Windows(-1, 4)])
+def test_bad_window_sizes(w):
+    with pytest.raises(MoyuError, match=">= 1"):
+        w.starts(100)
+
+
+def test_evaluate_rejects_2d_ids(tiny):
+    with pytest.raises(MoyuError, match="1-D"):
+        evaluate(tiny("llama"), _ids(100)[None], W)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_dense_ppl_equals_hf_loss_on_the_scored_tokens(tiny, arch):
+    model = tiny(arch)
+    ids = _ids(120)
+    res = evaluate(model, ids, W)
+    starts = W.starts(len(ids))
+    assert len(starts) == 4 and res.tokens == 4 * W.scored
+    nll = 0.0
+    scored_positions = []
+    with torch.inference_mode():
+        for s in starts:
+            chunk = ids[s: s + W.prompt + W.scored + 1]
+            labels = chunk.clone()
+            labels[: W.prompt + 1] = -100          # only the scored next-token predictions
+            out = model(chunk[None], labels=labels[None])
+            nll += float(out.loss) * W.scored
+            scored_positions += list(range(s + W.prompt + 1, s + W.prompt + W.scored + 1))
+    assert scored_positions == list(range(W.prompt + 1, W.prompt + 1 + 4 * W.scored))  # no gaps, no repeats
+    assert math.isclose(res.ppl, math.exp(nll / res.tokens), rel_tol=1e-5)
+    assert res.dense_ppl is None and res.kl is None
+    assert 1 < res.ppl < 1000
+
+
+def test_max_windows(tiny):
+    res = evaluate(tiny("llama"), _ids(120), W, max_windows=2)
+    assert res.tokens == 2 * W.scored
+
+
+def test_noop_modifier_has_zero_kl_and_full_agreement(tiny):
+    model = tiny("llama")
+    ids = _ids(120)
+    dense = evaluate(model, ids, W)
+    mod = NoOp()
+    res = evaluate(model, ids, W, modifier=mod)
+    assert mod.prompts == [W.prompt] * 4
+    assert abs(res.kl) < 1e-6 and res.top1_agree == 1.0
+    assert math.isclose(res.ppl, dense.ppl, rel_tol=1e-6)
+    assert math.isclose(res.dense_ppl, dense.ppl, rel_tol=1e-6)
+    assert res.extra == {"sparsity": 0.0}
+
+
+def test_changing_modifier_is_measured_against_unchanged_dense(tiny):
+    model = tiny("llama")
+    ids = _ids(120)
+    dense = evaluate(model, ids, W)
+    ref = DenseReference()
+    res = evaluate(model, ids, W, modifier=HalveMLP(model), reference=ref)
+    assert res.kl > 1e-4 and res.ppl != res.dense_ppl
+    assert math.isclose(res.dense_ppl, dense.ppl, rel_tol=1e-6)
+    # the KL is what compare_logits gives on the same windows
+    again = evaluate(model, ids, W, modifier=HalveMLP(model), reference=ref)
+    assert math.isclose(again.kl, res.kl, rel_tol=1e-6) and again.top1_agree == res.top1_agree
+    assert len(ref._store) == 4
+    d = res.to_dict()
+    for key in ("tokens", "ppl", "seconds", "dense_ppl", "kl", "top1_agree", "prompt_len",
+                "scored_len", "sparsity", "calls"):
+        assert key in d
+    assert d["prompt_len"] == W.prompt and d["scored_len"] == W.scored
+    assert "windows" not in d and "extra" not in d
+
+
+def test_modifier_leaves_prompt_positions_dense(tiny):
+    """The scored logits depend on the modified positions only (prompt runs dense)."""
+    model = tiny("llama")
+    ids = _ids(W.prompt + W.scored + 1)
+    mod = HalveMLP(model)
+    with torch.inference_mode():
+        with mod:
+            mod.begin(W.prompt)
+            out = model(ids[None, : W.prompt]).logits
+        dense = model(ids[None, : W.prompt]).logits
+    assert torch.allclose(out, dense)
+
+
+def test_compare_logits():
+    a = torch.randn(5, 11)
+    same = compare_logits(a, a)
+    assert abs(same["kl"]) < 1e-7 and same["top1_agree"] == 1.0 and same["max_abs_diff"] == 0.0
+    b = a.clone()
+    b[:, 0] += 100
+    other = compare_logits(a, b)
+    assert other["kl"] > 1 and other["top1_agree"] < 1.0 and other["max_abs_diff"] == 100.0
+
+
+def test_to_dict_drops_empty_fields():
+    d = EvalResult(tokens=10, ppl=1.23456789, seconds=0.5, windows=Windows(3, 4)).to_dict()
+    assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4}
