@@ -1,0 +1,100 @@
+"""Semantic-irrelevant activation inertia: do the first tokens' neurons keep firing later?
+
+For natural sentences and for uniform random-token sequences of the same length, per
+layer, with ratio ``k = inertia_k``:
+
+* the "first activations" set: GRIFFIN's statistic over the first ``n`` tokens, ``Z`` =
+  rows of ``|a|`` normalised to unit L2, ``s_i = ||Z[:, i]||_2``, set = top-k of ``s``;
+* for every later token, its own active set = top-k of ``|a|``; ``overlap`` = share of
+  the token's set inside the first-activations set (chance = k), by distance from the
+  end of the first span (``distance_bins``), and averaged (``overlap_natural`` /
+  ``overlap_random``);
+* ``cross_sequence``: the same overlap with the first-activations set of a *different*
+  sequence of the same kind (is the set specific to the sequence, or generic?);
+* always-on neurons: share of tokens each neuron is in the top-k; ``always_on_jaccard``
+  compares the ``top 5 %`` most-often-on neurons of natural vs random input, and
+  ``always_on_90`` counts neurons on for > 90 % of tokens in each kind (Jaccard null if
+  both sets are empty).
+
+``semantic_irrelevant`` is true for a layer when ``overlap_random >= overlap_natural -
+inertia_tolerance``: random text shows the inertia as strongly as natural text.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import AnalyzeConfig, jaccard, kcount, layers_of, run_acts, topk_mask
+
+N_BINS = 8
+
+
+def griffin_scores(a: torch.Tensor) -> torch.Tensor:
+    """GRIFFIN's statistic for ``a [..., n, d_ff]``: column norms of the row-normalised ``|a|``."""
+    z = a.abs()
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return z.norm(dim=-2)
+
+
+def _kind_stats(model: nn.Module, seqs: list[torch.Tensor], cfg: AnalyzeConfig, bos: torch.Tensor,
+                tick) -> list[dict]:
+    layers = layers_of(model)
+    ids = torch.stack([torch.cat([bos, s]) for s in seqs])
+    acts: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    for b in range(0, len(ids), 3):                       # small batches keep memory low
+        raw = run_acts(model, ids[b: b + 3])["act"]
+        for i, a in raw.items():
+            acts[i].append(a[:, len(bos):])
+        tick()
+    n = cfg.first_n
+    out = []
+    for i, ml in enumerate(layers):
+        a = torch.cat(acts[i])                            # [S, T, d_ff]
+        k = kcount(cfg.inertia_k, ml.d_ff)
+        first = topk_mask(griffin_scores(a[:, :n]), k)    # [S, d_ff]
+        later = topk_mask(a[:, n:].abs(), k)              # [S, T-n, d_ff]
+        ov = (later & first[:, None]).sum(-1).float() / k            # [S, T-n]
+        other = first.roll(1, dims=0)
+        cross = (later & other[:, None]).sum(-1).float() / k
+        bins = torch.linspace(0, ov.shape[1], N_BINS + 1).long()
+        by_dist = [float(ov[:, bins[j]: bins[j + 1]].mean()) for j in range(N_BINS)]
+        on_rate = topk_mask(a.abs(), k).float().mean((0, 1))         # [d_ff]
+        out.append({"overlap": float(ov.mean()), "cross_sequence": float(cross.mean()),
+                    "by_distance": by_dist,
+                    "distance_centres": [float((bins[j] + bins[j + 1]) / 2 + 1) for j in range(N_BINS)],
+                    "on_rate": on_rate})
+        del acts[i]
+    return out
+
+
+def inertia(model: nn.Module, natural: list[torch.Tensor], random: list[torch.Tensor],
+            cfg: AnalyzeConfig, bos: torch.Tensor, tick=lambda: None) -> dict:
+    """Per-layer inertia numbers for natural vs random sequences (see module doc)."""
+    nat = _kind_stats(model, natural, cfg, bos, tick)
+    rnd = _kind_stats(model, random, cfg, bos, tick)
+    rows = []
+    for a, b in zip(nat, rnd):
+        d_ff = a["on_rate"].numel()
+        m = kcount(0.05, d_ff)
+        top_a, top_b = topk_mask(a["on_rate"], m), topk_mask(b["on_rate"], m)
+        on_a, on_b = a["on_rate"] > 0.9, b["on_rate"] > 0.9
+        union = int((on_a | on_b).sum())
+        rows.append({
+            "overlap_natural": a["overlap"], "overlap_random": b["overlap"],
+            "cross_sequence_natural": a["cross_sequence"], "cross_sequence_random": b["cross_sequence"],
+            "chance": kcount(cfg.inertia_k, d_ff) / d_ff,
+            "by_distance_natural": a["by_distance"], "by_distance_random": b["by_distance"],
+            "distance": a["distance_centres"],
+            "always_on_jaccard": float(jaccard(top_a, top_b)),
+            "always_on_90_natural": int(on_a.sum()), "always_on_90_random": int(on_b.sum()),
+            "always_on_90_jaccard": (int((on_a & on_b).sum()) / union) if union else None,
+            "semantic_irrelevant": bool(b["overlap"] >= a["overlap"] - cfg.inertia_tolerance),
+        })
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    mean["layers_semantic_irrelevant"] = sum(r["semantic_irrelevant"] for r in rows)
+    mean["by_distance_natural"] = [sum(r["by_distance_natural"][j] for r in rows) / len(rows) for j in range(N_BINS)]
+    mean["by_distance_random"] = [sum(r["by_distance_random"][j] for r in rows) / len(rows) for j in range(N_BINS)]
+    mean["distance"] = rows[0]["distance"]
+    return {"first_n": cfg.first_n, "k": cfg.inertia_k, "length": cfg.inertia_len,
+            "sequences": len(natural), "layers": rows, "mean": mean}
