@@ -264,6 +264,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_analyze(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--models", help="comma-separated models analysed into one report (overrides --model)")
+    p.add_argument("--compare", metavar="DIR", action="append", default=[],
+                   help="add the models of an earlier report folder to this report (repeatable)")
+    p.add_argument("--out", required=True, help="report folder (replaced atomically)")
+    p.add_argument("--tokens", type=int, default=1024, help="eval tokens streamed for over-activation")
+    p.add_argument("--histories", type=int, default=8, help="histories per probe (half natural, half random)")
+    p.add_argument("--first-n", type=int, default=16, help="tokens whose activations choose the inertia set")
+    p.add_argument("--rank", type=int, default=32, help="rank of the hidden-state predictor")
+    p.add_argument("--k", default="0.1,0.3,0.5", help="top-k ratios for set overlaps")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("analyze", "MOYU diagnostics: over-activation, history uncertainty, inertia; JSON + HTML report")
+@options(_configure_analyze)
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import AnalyzeConfig, analyze
+    from .report import check_out, load_reports, write_report
+
+    check_out(args.out)
+    try:
+        ks = tuple(float(k) for k in args.k.split(","))
+    except ValueError:
+        raise MoyuError(f"--k must be comma-separated ratios like 0.1,0.3,0.5, got '{args.k}'") from None
+    cfg = AnalyzeConfig(tokens=args.tokens, histories=args.histories, first_n=args.first_n,
+                        rank=args.rank, ks=ks, seed=args.seed)
+    earlier = [r for d in args.compare for r in load_reports(d)]
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [args.model]
+    reports = []
+    for name in names:
+        args.model = name
+        t0 = time.perf_counter()
+        model, tok = load_model(args)
+        rep = analyze(model, tok, cfg)
+        print(f"{name}: analysed in {time.perf_counter() - t0:.0f} s")
+        for c in rep.claims:
+            print(f"  [{c['verdict']}] {c['claim']}\n      {c['measured']}")
+        reports.append(rep)
+        del model
+    out = write_report(reports + earlier, args.out)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     from . import __version__
