@@ -1,0 +1,170 @@
+"""The command line as a user runs it: `python -m moyu.cli ...` prints one JSON object for
+`eval --json`, and every bad input gives exit code 2 and one line on stderr, no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moyu import cli
+
+PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+         "it was the age of foolishness. ") * 40
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_gguf):
+    """Files for the runs below, and an isolated cache already holding the tiny model."""
+    root = tmp_path_factory.mktemp("cli")
+    cache = root / "cache"
+    env = {**os.environ, "MOYU_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    (root / "prose.txt").write_text(PROSE)
+    (root / "short.txt").write_text("Too short to fill a window.\n")
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 100)
+    (root / "notes.gguf").write_text("these are my notes, not a model\n")
+    with open(tiny_gguf, "rb") as fh:
+        (root / "cut.gguf").write_bytes(fh.read(tiny_gguf.stat().st_size // 2))
+
+    # an HF folder of an unsupported architecture (bloom), with a working tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moyu
+    old = os.environ.get("MOYU_CACHE")
+    os.environ["MOYU_CACHE"] = str(cache)
+    try:
+        _, tok = moyu.load(str(tiny_gguf), verbose=False)
+    finally:
+        if old is None:
+            del os.environ["MOYU_CACHE"]
+        else:
+            os.environ["MOYU_CACHE"] = old
+    cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=300)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "bloom")
+    tok.save_pretrained(root / "bloom")
+    return root, env
+
+
+TINY_WINDOWS = ["--prompt-len", "16", "--scored-len", "16"]
+BAD = {
+    "unknown model": (["eval", "--model", "no-such-model"], "unknown model"),
+    "missing gguf": (["eval", "--model", "{root}/missing.gguf"], "not found"),
+    "not a gguf": (["eval", "--model", "{root}/notes.gguf"], "not a GGUF"),
+    "truncated gguf": (["eval", "--model", "{root}/cut.gguf"], "truncated"),
+    "unsupported arch": (["eval", "--model", "{root}/bloom"], "unsupported architecture 'bloom'"),
+    "missing text": (["eval", "--model", "{gguf}", "--text", "{root}/nope.txt"], "not found"),
+    "empty text": (["eval", "--model", "{gguf}", "--text", "{root}/empty.txt"], "empty"),
+    "non-utf8 text": (["eval", "--model", "{gguf}", "--text", "{root}/latin1.txt"], "UTF-8"),
+    "short text": (["eval", "--model", "{gguf}", "--text", "{root}/short.txt", *TINY_WINDOWS],
+                   "too short"),
+    "bad tokens": (["eval", "--model", "{gguf}", "--tokens", "1"], "--tokens"),
+}
+
+
+def _argv(args, root, gguf):
+    return [a.format(root=root, gguf=gguf) for a in args]
+
+
+SUBPROCESS = {"unknown model", "truncated gguf", "empty text"}  # the rest run in-process
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tiny_gguf):
+    """Subprocess runs as a user types them, three at a time (each pays seconds of imports)."""
+    root, env = inputs
+    env1 = {**env, "OMP_NUM_THREADS": "1"}          # tiny work; threads only contend
+    jobs = {name: (_argv(BAD[name][0], root, tiny_gguf), env1) for name in sorted(SUBPROCESS)}
+    jobs["tiny json"] = (["eval", "--model", str(tiny_gguf), "--text", str(root / "prose.txt"),
+                          *TINY_WINDOWS, "--json"], env1)
+    real_env = {k: v for k, v in env.items() if k != "MOYU_CACHE"}
+    if "MOYU_CACHE" in os.environ:
+        real_env["MOYU_CACHE"] = os.environ["MOYU_CACHE"]
+    # the default model with the built-in eval corpus, from the real cache
+    jobs["default json"] = (["eval", "--json", "--tokens", "1200"], real_env)
+    out, running = {}, {}
+    pending = ["default json", *[n for n in jobs if n != "default json"]]
+    while pending or running:
+        while pending and len(running) < 3:
+            name = pending.pop(0)
+            argv, e = jobs[name]
+            running[name] = subprocess.Popen([sys.executable, "-m", "moyu.cli", *argv], env=e,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name = next(iter(running))
+        p = running.pop(name)
+        stdout, stderr = p.communicate(timeout=300)
+        out[name] = (p.returncode, stdout, stderr)
+    return out
+
+
+def _in_process(case, root, gguf, env, capsys, monkeypatch):
+    monkeypatch.setenv("MOYU_CACHE", env["MOYU_CACHE"])
+    capsys.readouterr()
+    rc = cli.main(_argv(BAD[case][0], root, gguf))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_eval_json_default_model(runs):
+    rc, stdout, stderr = runs["default json"]
+    assert rc == 0, stderr
+    obj = json.loads(stdout)                       # exactly one JSON object on stdout
+    assert {"model", "tokens", "ppl", "seconds"} <= set(obj)
+    assert obj["model"] == "smollm2-135m"
+    assert obj["tokens"] == 3 * 256                 # 1200 tokens: windows at 0, 256, 512
+    assert 5 < obj["ppl"] < 60 and obj["seconds"] > 0
+    assert obj["prompt_len"] == 256 and obj["scored_len"] == 256
+
+
+def test_eval_json_on_a_gguf_file_and_text_file(runs, inputs):
+    rc, stdout, stderr = runs["tiny json"]
+    assert rc == 0, stderr
+    obj = json.loads(stdout)
+    assert obj["model"].endswith("tiny-llama.gguf") and obj["tokens"] > 0 and obj["ppl"] > 1
+    root, _ = inputs
+    assert not [p for p in (root / "cache").rglob(".*")]   # no temp files left in the cache
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2(runs, case, inputs, tiny_gguf, capsys, monkeypatch):
+    root, env = inputs
+    if case in SUBPROCESS:
+        rc, stdout, stderr = runs[case]
+    else:  # same code path without the interpreter start; an escaping exception fails the test
+        rc, stdout, stderr = _in_process(case, root, tiny_gguf, env, capsys, monkeypatch)
+    lines = stderr.strip().splitlines()
+    assert rc == 2, (case, rc, stderr[-2000:])
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("moyu: error: "), stderr
+    assert BAD[case][1] in lines[0], lines[0]
+    assert stdout == ""
+    entries = sorted(p.name for p in (root / "cache" / "models").iterdir())
+    assert len(entries) == 1                        # only the tiny model's entry, nothing partial
+
+
+def test_models_lists_builtins(capsys):
+    assert cli.main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["smollm2-135m", "gemma3-270m"]
+    assert all(r["installed"] and r["size_bytes"] > 50e6 for r in rows)
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "smollm2-135m" in text and "gemma3-270m" in text and "MB" in text
+
+
+def test_models_shows_install_hint_when_missing(capsys, monkeypatch):
+    import moyu.models as mm
+
+    monkeypatch.setattr(mm, "_package_dir", lambda module: None)
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not installed (pip install") == 2
+
+
+def test_in_process_error_is_one_line(capsys, tmp_path):
+    assert cli.main(["eval", "--model", str(tmp_path / "absent.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moyu: error: ")
