@@ -96,7 +96,7 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
     bos = bos_prefix(model, tok)
     sp: Spans = make_spans(cfg, eval_ids, calib_ids, vocab, bos, avoid)
 
-    total = (math.ceil(cfg.tokens / cfg.window) + cfg.histories + 1
+    total = (math.ceil(cfg.tokens / cfg.window) + cfg.probes
              + math.ceil(cfg.predictor_tokens / cfg.window) + math.ceil(cfg.predictor_eval / cfg.window)
              + 2 * math.ceil(cfg.inertia_seqs / 3) + 1)
     bar = tqdm(total=total, desc="moyu analyze", disable=not progress, unit="step")

@@ -19,7 +19,7 @@ class AnalyzeConfig:
     with it. The other analyses use small fixed spans held raw.
     """
 
-    tokens: int = 1024            # eval tokens streamed through the over-activation statistics
+    tokens: int = 768             # eval tokens streamed through the over-activation statistics
     window: int = 256             # forward window of the streamed part (BOS prepended)
     cett_tokens: int = 64         # token subsample for the exact CETT curves (per layer)
     cett_grid: int = 40           # keep ratios 0, 1/G, ..., 1 on the CETT curve
@@ -27,20 +27,20 @@ class AnalyzeConfig:
     hh_rate: float = 0.9          # heavy hitter = active for more than this share of tokens
     ks: tuple[float, ...] = (0.1, 0.3, 0.5)   # top-k ratios for set overlaps
     histories: int = 8            # K histories per probe (half natural text, half random tokens)
-    history_len: int = 48
+    history_len: int = 32
     probes: int = 2               # probe spans
     probe_len: int = 16
-    predictor_tokens: int = 1024  # calibration tokens to fit the low-rank predictor
+    predictor_tokens: int = 768   # calibration tokens to fit the low-rank predictor
     predictor_eval: int = 256     # held-out eval tokens to score it
     rank: int = 32
     predictor_steps: int = 0   # closed-form reduced-rank ridge is the MSE optimum
     inertia_seqs: int = 6         # natural sentences, and as many random-token sequences
-    inertia_len: int = 96
+    inertia_len: int = 80
     first_n: int = 16             # "first activations": the first n tokens choose the set
     inertia_k: float = 0.3
     inertia_tolerance: float = 0.05  # random >= natural - tolerance counts as semantic-irrelevant
     consistency_seqs: int = 2
-    consistency_len: int = 16
+    consistency_len: int = 8
     seed: int = 0
 
     def to_dict(self) -> dict:

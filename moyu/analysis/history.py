@@ -26,11 +26,12 @@ from ..predictor import fit_lowrank, topk_recall
 from .common import AnalyzeConfig, down_norms, jaccard, kcount, layers_of, run_acts, topk_mask
 
 
-def _probe_acts(model: nn.Module, hist: torch.Tensor, probe: torch.Tensor, bos: torch.Tensor
+def _probe_acts(model: nn.Module, hists: list[torch.Tensor], probe: torch.Tensor, bos: torch.Tensor
                 ) -> dict[int, torch.Tensor]:
-    ids = torch.cat([bos, hist, probe])[None]
+    """Activations ``[len(hists), L, d_ff]`` of the probe after each history (one batched forward)."""
+    ids = torch.stack([torch.cat([bos, h, probe]) for h in hists])
     acts = run_acts(model, ids)["act"]
-    return {i: a[0, -len(probe):] for i, a in acts.items()}     # [L, d_ff]
+    return {i: a[:, -len(probe):] for i, a in acts.items()}
 
 
 def history_uncertainty(model: nn.Module, probes: list[torch.Tensor], natural: list[torch.Tensor],
@@ -42,17 +43,20 @@ def history_uncertainty(model: nn.Module, probes: list[torch.Tensor], natural: l
     hists = natural + random
     kinds = ["natural"] * len(natural) + ["random"] * len(random)
     # scores[layer] -> [K, P*L, d_ff]
-    per_hist: list[dict[int, torch.Tensor]] = []
-    for h in hists:
-        runs = [_probe_acts(model, h, p, bos) for p in probes]
-        per_hist.append({i: torch.cat([r[i] for r in runs]) for i in runs[0]})
+    # History 0 runs alone, twice (the same-history check compares two separate passes);
+    # the others run as one batch per probe.
+    first, rest, again = [], [], []
+    for p in probes:
+        first.append(_probe_acts(model, hists[:1], p, bos))
+        again.append(_probe_acts(model, hists[:1], p, bos))
+        rest.append(_probe_acts(model, hists[1:], p, bos))
         tick()
-    again = [_probe_acts(model, hists[0], p, bos) for p in probes]
-    repeat = {i: torch.cat([r[i] for r in again]) for i in again[0]}
-    tick()
+    per_layer = {i: torch.cat([torch.cat([f[i], r[i]]) for f, r in zip(first, rest)], dim=1)
+                 for i in first[0]}                                    # [K, P*L, d_ff]
+    repeat = {i: torch.cat([a[i][0] for a in again]) for i in again[0]}
     out = []
     for li, (ml, wn) in enumerate(zip(layers, wns)):
-        S = torch.stack([ph[li] for ph in per_hist]).abs() * wn       # [K, T, d_ff]
+        S = per_layer[li].abs() * wn                                  # [K, T, d_ff]
         R = repeat[li].abs() * wn
         row = {}
         for r in cfg.ks:
