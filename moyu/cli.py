@@ -270,7 +270,7 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", metavar="DIR", action="append", default=[],
                    help="add the models of an earlier report folder to this report (repeatable)")
     p.add_argument("--out", required=True, help="report folder (replaced atomically)")
-    p.add_argument("--tokens", type=int, default=1024, help="eval tokens streamed for over-activation")
+    p.add_argument("--tokens", type=int, default=768, help="eval tokens streamed for over-activation")
     p.add_argument("--histories", type=int, default=8, help="histories per probe (half natural, half random)")
     p.add_argument("--first-n", type=int, default=16, help="tokens whose activations choose the inertia set")
     p.add_argument("--rank", type=int, default=32, help="rank of the hidden-state predictor")
