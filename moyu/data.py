@@ -100,6 +100,9 @@ def read_text_file(path: str | Path) -> str:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise MoyuError(f"{p} is not UTF-8 text: convert it (e.g. iconv) or pass another file") from None
+    except OSError as e:
+        raise MoyuError(f"cannot read text file {p} ({e.strerror or type(e).__name__}): "
+                        "check its permissions or pass another file") from None
     if not text.strip():
         raise MoyuError(f"text file {p} is empty: pass a file with some prose in it")
     return text

@@ -73,6 +73,21 @@ def test_bad_text_file_is_one_line(tmp_path, kind):
             "folder": "not found"}[kind] in msg
 
 
+def test_unreadable_text_file_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    f = tmp_path / "locked.txt"
+    f.write_text("some prose")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(MoyuError) as e:
+        data.read_text_file(f)
+    assert "Permission denied" in _one_line(e) and str(f) in str(e.value)
+
+
 def test_unknown_split_and_missing_corpus(temp_cache):
     with pytest.raises(MoyuError) as e:
         data.corpus_text("train")
