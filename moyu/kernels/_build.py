@@ -8,13 +8,16 @@ machines with different CPUs never hands one of them a binary it cannot run.
 Concurrency and crash safety: torch guards a build with a ``lock`` file that a killed
 build leaves behind, after which every later build waits forever. We therefore hold an
 ``fcntl`` lock (released by the kernel when a process dies) around the whole build and,
-while holding it, clear any stale torch lock. A build that fails to import (a half-written
-library from a killed link) is wiped and rebuilt once.
+while holding it, clear any stale torch lock. A library is only trusted if it is the one a
+previous process loaded successfully (its size and mtime are recorded next to it): a
+half-written library from a killed link can crash the process (SIGBUS) when imported, so
+an unrecorded one makes us wipe the build directory and rebuild.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -24,6 +27,7 @@ from typing import Iterator
 
 _SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
 _ENV_BACKEND = "MOYU_KERNELS"
+_MARKER = "moyu-loaded.json"
 
 
 def cache_dir() -> Path:
@@ -91,6 +95,28 @@ def _compile(name: str, build_dir: Path, flags: list[str]) -> ModuleType:
         )
 
 
+def _fingerprint(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _trusted(build_dir: Path) -> bool:
+    """True if every library in build_dir is one a previous load recorded."""
+    try:
+        recorded = json.loads((build_dir / _MARKER).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    return all(recorded.get(so.name) == _fingerprint(so) for so in build_dir.glob("*.so"))
+
+
+def _record(build_dir: Path, module: ModuleType) -> None:
+    so = Path(module.__file__ or "").resolve()
+    if so.parent == build_dir.resolve() and so.is_file():
+        tmp = build_dir / f"{_MARKER}.tmp"
+        tmp.write_text(json.dumps({so.name: _fingerprint(so)}))
+        os.replace(tmp, build_dir / _MARKER)
+
+
 def build_extension() -> ModuleType:
     """Compiles (or reuses the cached build of) the kernels and returns the module."""
     tag, flags = _isa_flags()
@@ -99,12 +125,12 @@ def build_extension() -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir.parent / f"{name}.flock"):
         (build_dir / "lock").unlink(missing_ok=True)  # stale torch baton from a killed build
-        try:
-            return _compile(name, build_dir, flags)
-        except ImportError:
-            shutil.rmtree(build_dir, ignore_errors=True)  # half-written library: start over
+        if not _trusted(build_dir):
+            shutil.rmtree(build_dir, ignore_errors=True)
             build_dir.mkdir(parents=True, exist_ok=True)
-            return _compile(name, build_dir, flags)
+        module = _compile(name, build_dir, flags)
+        _record(build_dir, module)
+        return module
 
 
 def _reason(exc: BaseException) -> str:

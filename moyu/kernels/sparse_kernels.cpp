@@ -1,17 +1,28 @@
 // moyu sparse kernels: batch-1 sparse MLP and input-sparse linear for CPU decode.
 //
-// Decode is memory-bandwidth bound, so every kernel here is organised around one rule:
-// a skipped neuron (or input channel) costs no weight bytes. Weights are pre-packed by
-// moyu/kernels/packing.py so that everything one neuron needs is contiguous:
+// Decode is memory-bandwidth bound, so every kernel is organised around one rule: a
+// skipped neuron (or input channel) costs no weight bytes. moyu/kernels/packing.py lays
+// the weights out so that everything one neuron needs is contiguous:
 //   w_in  [d_ff, r, d]  r = 2 (gate row, up row) for gated MLPs, r = 1 for plain MLPs
 //   w_dt  [d_ff, d]     W_down^T: neuron i's down column as a contiguous row
 //   wt    [in, out]     W^T for input-sparse linears: input channel j's column as a row
 // Weights are fp32 or bf16; inputs, biases, accumulators and outputs are fp32.
 //
-// Work is split over the kept neurons/channels with at::parallel_for (so it respects
-// torch.set_num_threads); each chunk accumulates into its own partial output and the
-// partials are summed at the end (cheaper than splitting the output dimension, which
-// would cut every weight row into short strided segments).
+// Memory-access shape (measured, see benchmarks/bench_kernels.py):
+//  * The kept list is visited in ascending order (an unsorted list is sorted first,
+//    through a bitmap): ascending gaps cost far less than random jumps.
+//  * One sequential stream is the fastest way to read contiguous weights, but a list with
+//    gaps restarts the hardware prefetcher at every kept row, leaving one stream latency
+//    bound. Gathered lists are therefore read kGroup rows at a time, interleaved, which
+//    keeps several independent misses in flight; contiguous lists go one row at a time.
+//  * Each chunk first computes its neurons' coefficients (gate/up rows), then reads the
+//    kept neurons' down rows, so each phase picks its own access shape (CATS gate mode
+//    keeps gaps in phase 1 even when all neurons are listed). Fusing the two phases per
+//    neuron measured no faster; software prefetching measured slower.
+// Work is split over the kept list with at::parallel_for (so torch.set_num_threads
+// applies); every chunk accumulates into its own partial output and the partials are
+// summed at the end. Splitting the output dimension instead (a second parallel region
+// whose threads each read a slice of every kept down row) measured 1.2-1.4x slower.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -34,18 +45,18 @@ namespace moyu {
 
 using bf16 = c10::BFloat16;
 
-constexpr int64_t kMaxRows = 8;        // rows of x processed per pass over the weights
-constexpr int64_t kMinPerChunk = 16;   // fewer kept neurons than this per thread: fewer threads
-constexpr int64_t kPrefetchAhead = 2;  // neurons ahead to prefetch when the kept set is gathered
+constexpr int64_t kMaxRows = 8;       // rows of x handled per pass over the weights
+constexpr int kGroup = 8;             // rows read interleaved when the kept list has gaps
+constexpr int64_t kMinPerChunk = 32;  // fewer kept rows than this per thread: fewer threads
 
 enum Act : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
-enum Mode : int64_t { kGateMode = 1, kActMode = 2 };
+enum Mode : int64_t { kAll = 0, kGateMode = 1, kActMode = 2 };
 
-// ---------------------------------------------------------------- element helpers
+// ------------------------------------------------------------------ element helpers
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
@@ -78,73 +89,168 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// sum_i w[i] * x[i]
-template <typename T>
-inline float dot(const T* w, const float* x, int64_t d) {
+// s[g] = dot(w[g], x) for G rows read interleaved. U accumulators per row keep enough
+// independent FMAs in flight when G is small.
+template <int G, typename T>
+inline void dot_group(const T* const* w, const float* x, int64_t d, float* s) {
   int64_t i = 0;
-  float s = 0.0f;
+  for (int g = 0; g < G; ++g) s[g] = 0.0f;
 #if MOYU_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; i + 32 <= d; i += 32) {
-    a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
-    a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  constexpr int U = G >= 4 ? 1 : 4 / G;
+  __m256 acc[G][U];
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < U; ++u) acc[g][u] = _mm256_setzero_ps();
+  for (; i + 8 * U <= d; i += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 xv = _mm256_loadu_ps(x + i + 8 * u);
+      for (int g = 0; g < G; ++g) acc[g][u] = _mm256_fmadd_ps(load8(w[g] + i + 8 * u), xv, acc[g][u]);
+    }
   }
-  for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
-  s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i + 8 <= d; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int g = 0; g < G; ++g) acc[g][0] = _mm256_fmadd_ps(load8(w[g] + i), xv, acc[g][0]);
+  }
+  for (int g = 0; g < G; ++g) {
+    __m256 t = acc[g][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[g][u]);
+    s[g] = hsum(t);
+  }
 #endif
-  for (; i < d; ++i) s += to_float(w[i]) * x[i];
-  return s;
+  for (; i < d; ++i)
+    for (int g = 0; g < G; ++g) s[g] += to_float(w[g][i]) * x[i];
 }
 
-// y[i] += a * w[i]
-template <typename T>
-inline void axpy(float a, const T* w, float* y, int64_t d) {
+// y += sum_g a[g] * w[g] for G rows read interleaved.
+template <int G, typename T>
+inline void axpy_group(const float* a, const T* const* w, float* y, int64_t d) {
   int64_t i = 0;
 #if MOYU_AVX2
-  const __m256 va = _mm256_set1_ps(a);
-  for (; i + 32 <= d; i += 32) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(w + i), _mm256_loadu_ps(y + i)));
-    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(va, load8(w + i + 8), _mm256_loadu_ps(y + i + 8)));
-    _mm256_storeu_ps(y + i + 16,
-                     _mm256_fmadd_ps(va, load8(w + i + 16), _mm256_loadu_ps(y + i + 16)));
-    _mm256_storeu_ps(y + i + 24,
-                     _mm256_fmadd_ps(va, load8(w + i + 24), _mm256_loadu_ps(y + i + 24)));
+  __m256 va[G];
+  for (int g = 0; g < G; ++g) va[g] = _mm256_set1_ps(a[g]);
+  for (; i + 16 <= d; i += 16) {
+    __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + 8);
+    for (int g = 0; g < G; ++g) {
+      y0 = _mm256_fmadd_ps(va[g], load8(w[g] + i), y0);
+      y1 = _mm256_fmadd_ps(va[g], load8(w[g] + i + 8), y1);
+    }
+    _mm256_storeu_ps(y + i, y0);
+    _mm256_storeu_ps(y + i + 8, y1);
   }
-  for (; i + 8 <= d; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(w + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= d; i += 8) {
+    __m256 y0 = _mm256_loadu_ps(y + i);
+    for (int g = 0; g < G; ++g) y0 = _mm256_fmadd_ps(va[g], load8(w[g] + i), y0);
+    _mm256_storeu_ps(y + i, y0);
+  }
 #endif
-  for (; i < d; ++i) y[i] += a * to_float(w[i]);
+  for (; i < d; ++i) {
+    float t = y[i];
+    for (int g = 0; g < G; ++g) t += a[g] * to_float(w[g][i]);
+    y[i] = t;
+  }
+}
+
+// Runtime group size (1..kGroup) -> template instantiation.
+template <typename T>
+inline void dot_n(int n, const T* const* w, const float* x, int64_t d, float* s) {
+  switch (n) {
+    case 1: dot_group<1>(w, x, d, s); break;
+    case 2: dot_group<2>(w, x, d, s); break;
+    case 3: dot_group<3>(w, x, d, s); break;
+    case 4: dot_group<4>(w, x, d, s); break;
+    case 5: dot_group<5>(w, x, d, s); break;
+    case 6: dot_group<6>(w, x, d, s); break;
+    case 7: dot_group<7>(w, x, d, s); break;
+    default: dot_group<8>(w, x, d, s); break;
+  }
 }
 
 template <typename T>
-inline void prefetch(const T* p, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+inline void axpy_n(int n, const float* a, const T* const* w, float* y, int64_t d) {
+  switch (n) {
+    case 1: axpy_group<1>(a, w, y, d); break;
+    case 2: axpy_group<2>(a, w, y, d); break;
+    case 3: axpy_group<3>(a, w, y, d); break;
+    case 4: axpy_group<4>(a, w, y, d); break;
+    case 5: axpy_group<5>(a, w, y, d); break;
+    case 6: axpy_group<6>(a, w, y, d); break;
+    case 7: axpy_group<7>(a, w, y, d); break;
+    default: axpy_group<8>(a, w, y, d); break;
+  }
 }
 
-// ---------------------------------------------------------------- index accessors
+// ------------------------------------------------------------------ scratch and lists
 
-struct AllIndex {
-  int64_t operator[](int64_t p) const { return p; }
-};
-template <typename I>
-struct ListIndex {
-  const I* p;
-  int64_t operator[](int64_t q) const { return static_cast<int64_t>(p[q]); }
-};
-
-// ---------------------------------------------------------------- partial accumulators
-
-// Per-call scratch owned by the calling thread (callers from several Python threads
-// each get their own), reused across calls to avoid allocations on the decode path.
-inline float* scratch(int64_t count) {
-  thread_local std::vector<float> buf;
+// Scratch owned by the calling thread (each Python thread gets its own), reused across
+// calls so the decode path does not allocate.
+template <typename V, int Slot>
+V* scratch(int64_t count) {
+  thread_local std::vector<V> buf;
   if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
   return buf.data();
+}
+
+struct KeptList {
+  const int64_t* ids;
+  int64_t k;
+  bool contiguous;  // ids are 0..k-1 (or one unbroken run): read one row at a time
+};
+
+// Copies idx into out as int64 after a bounds check; returns whether it is ascending.
+template <typename I>
+bool copy_checked(const I* src, int64_t k, int64_t limit, int64_t* out) {
+  bool ascending = true, in_range = true;
+  int64_t prev = -1;
+  for (int64_t q = 0; q < k; ++q) {
+    const int64_t v = static_cast<int64_t>(src[q]);
+    in_range = in_range && v >= 0 && v < limit;
+    ascending = ascending && v >= prev;
+    prev = v;
+    out[q] = v;
+  }
+  if (!in_range)
+    for (int64_t q = 0; q < k; ++q)
+      TORCH_CHECK(out[q] >= 0 && out[q] < limit, "index ", out[q], " out of range [0, ", limit, ")");
+  return ascending;
+}
+
+// Sorts distinct ids in [0, limit) through a bitmap: O(k + limit / 64), a few hundred
+// nanoseconds for a decode-sized layer. Returns false (ids untouched) on a duplicate.
+bool bitmap_sort(int64_t* ids, int64_t k, int64_t limit) {
+  const int64_t words = (limit + 63) / 64;
+  uint64_t* bits = scratch<uint64_t, 1>(words);
+  std::memset(bits, 0, words * sizeof(uint64_t));
+  for (int64_t q = 0; q < k; ++q) {
+    const uint64_t mask = uint64_t{1} << (ids[q] & 63);
+    if (bits[ids[q] >> 6] & mask) return false;
+    bits[ids[q] >> 6] |= mask;
+  }
+  int64_t p = 0;
+  for (int64_t w = 0; w < words; ++w)
+    for (uint64_t b = bits[w]; b != 0; b &= b - 1) ids[p++] = w * 64 + __builtin_ctzll(b);
+  return true;
+}
+
+// Ascending copy of idx (duplicates kept) after checking bounds; idx None -> 0..limit-1.
+KeptList sorted_ids(const c10::optional<at::Tensor>& idx_opt, int64_t limit) {
+  if (!idx_opt.has_value()) {
+    int64_t* out = scratch<int64_t, 0>(limit);
+    for (int64_t i = 0; i < limit; ++i) out[i] = i;
+    return {out, limit, true};
+  }
+  const at::Tensor idx = idx_opt->contiguous();
+  TORCH_CHECK(idx.dim() == 1, "idx must be 1-D, got ", idx.sizes());
+  const int64_t k = idx.numel();
+  int64_t* out = scratch<int64_t, 0>(std::max<int64_t>(k, 1));
+  bool ascending;
+  if (idx.scalar_type() == at::kLong)
+    ascending = copy_checked(idx.data_ptr<int64_t>(), k, limit, out);
+  else if (idx.scalar_type() == at::kInt)
+    ascending = copy_checked(idx.data_ptr<int32_t>(), k, limit, out);
+  else
+    TORCH_CHECK(false, "idx must be int64 or int32, got ", idx.scalar_type());
+  if (!ascending && !bitmap_sort(out, k, limit)) std::sort(out, out + k);
+  const bool run = k > 0 && out[k - 1] - out[0] == k - 1;
+  return {out, k, run};
 }
 
 inline int64_t num_chunks(int64_t k) {
@@ -167,15 +273,16 @@ inline void reduce_partials(const float* partials, int64_t nchunks, int64_t rows
   }
 }
 
-// Runs body(chunk, lo, hi, acc) over [0, k) split into chunks, each with a zeroed
-// accumulator of `width` floats; returns the summed per-chunk counts.
+// Runs body(lo, hi, acc) over [0, k) split into chunks, each with a zeroed accumulator
+// of rows x width floats; writes bias + the sum of the accumulators to out and returns
+// the sum of body's return values.
 template <typename Body>
-int64_t run_chunked(int64_t k, int64_t width, const float* bias, int64_t rows, float* out,
+int64_t run_chunked(int64_t k, int64_t rows, int64_t width, const float* bias, float* out,
                     const Body& body) {
   const int64_t nchunks = num_chunks(k);
   const int64_t total = rows * width;
-  float* partials = scratch(nchunks * total);
-  std::vector<int64_t> counts(nchunks, 0);
+  float* partials = scratch<float, 2>(nchunks * total);
+  int64_t* counts = scratch<int64_t, 3>(nchunks);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       float* acc = partials + c * total;
@@ -185,11 +292,11 @@ int64_t run_chunked(int64_t k, int64_t width, const float* bias, int64_t rows, f
   });
   reduce_partials(partials, nchunks, rows, width, bias, out);
   int64_t kept = 0;
-  for (int64_t c : counts) kept += c;
+  for (int64_t c = 0; c < nchunks; ++c) kept += counts[c];
   return kept;
 }
 
-// ---------------------------------------------------------------- MLP
+// ------------------------------------------------------------------ MLP
 
 template <typename T>
 struct MlpArgs {
@@ -200,98 +307,164 @@ struct MlpArgs {
   int64_t r;           // 2 gated, 1 plain
   const float* b_in;   // [d_ff, r] or null
   int64_t act;
-  int64_t mode;        // 0: keep all listed neurons; kGateMode / kActMode: threshold
+  int64_t mode;        // kAll: every listed neuron; kGateMode / kActMode: threshold
   float tau;
 };
 
-// Adds neuron i's contribution for every row into acc [rows, d]; returns 1 if any row
-// kept it (its up row / down column were read), 0 otherwise.
+// Coefficients of neurons ids[0..n) for every row. Neurons kept by some row are appended
+// to kept_ids / kept_coef (coef layout [row][slot], stride `stride`, zero where a row
+// drops the neuron); returns how many were appended.
 template <typename T>
-inline int64_t mlp_neuron(const MlpArgs<T>& a, int64_t i, float* acc) {
+int mlp_coefficients(const MlpArgs<T>& a, const int64_t* ids, int n, int64_t* kept_ids,
+                     float* kept_coef, int64_t stride) {
   const int64_t d = a.d;
-  const T* rows_in = a.w_in + i * a.r * d;
-  const T* up = rows_in + (a.r - 1) * d;
-  const float* bias = a.b_in ? a.b_in + i * a.r : nullptr;
   const bool gated = a.r == 2;
-  float coef[kMaxRows];
-  bool keep[kMaxRows];
-  bool any = false;
-  for (int64_t q = 0; q < a.rows; ++q) {
-    const float* x = a.x + q * d;
-    float gate_act = 1.0f;
-    keep[q] = true;
-    if (gated) {
-      gate_act = activate(dot(rows_in, x, d) + (bias ? bias[0] : 0.0f), a.act);
-      if (a.mode == kGateMode) keep[q] = std::fabs(gate_act) > a.tau;
-    }
-    if (!keep[q]) continue;
-    const float u = dot(up, x, d) + (bias ? bias[a.r - 1] : 0.0f);
-    coef[q] = gated ? gate_act * u : activate(u, a.act);
-    if (a.mode == kActMode || (!gated && a.mode == kGateMode))
-      keep[q] = std::fabs(coef[q]) > a.tau;
-    any = any || keep[q];
+  const T* rows_in[kGroup];
+  const T* up[kGroup];
+  for (int g = 0; g < n; ++g) {
+    rows_in[g] = a.w_in + ids[g] * a.r * d;
+    up[g] = rows_in[g] + (a.r - 1) * d;
   }
-  if (!any) return 0;
-  const T* down = a.w_dt + i * d;
-  for (int64_t q = 0; q < a.rows; ++q)
-    if (keep[q]) axpy(coef[q], down, acc + q * d, d);
-  return 1;
+  float coef[kMaxRows][kGroup];
+  bool keep[kMaxRows][kGroup];
+  bool need_up[kGroup];
+  for (int g = 0; g < n; ++g) need_up[g] = !(gated && a.mode == kGateMode);
+  if (gated) {
+    float s[kGroup];
+    for (int64_t q = 0; q < a.rows; ++q) {
+      dot_n(n, rows_in, a.x + q * d, d, s);
+      for (int g = 0; g < n; ++g) {
+        const float b = a.b_in ? a.b_in[ids[g] * 2] : 0.0f;
+        coef[q][g] = activate(s[g] + b, a.act);
+        keep[q][g] = a.mode != kGateMode || std::fabs(coef[q][g]) > a.tau;
+        need_up[g] = need_up[g] || keep[q][g];
+      }
+    }
+  }
+  // Up rows only for neurons some row still needs, read as one interleaved group.
+  int slot[kGroup];
+  const T* up_rows[kGroup];
+  int m = 0;
+  for (int g = 0; g < n; ++g)
+    if (need_up[g]) {
+      slot[m] = g;
+      up_rows[m++] = up[g];
+    }
+  if (m == 0) return 0;
+  float s[kGroup];
+  for (int64_t q = 0; q < a.rows; ++q) {
+    dot_n(m, up_rows, a.x + q * d, d, s);
+    for (int j = 0; j < m; ++j) {
+      const int g = slot[j];
+      const float u = s[j] + (a.b_in ? a.b_in[ids[g] * a.r + a.r - 1] : 0.0f);
+      if (gated) {
+        coef[q][g] *= u;
+      } else {
+        coef[q][g] = activate(u, a.act);
+        keep[q][g] = true;
+      }
+      if (a.mode == kActMode || (!gated && a.mode == kGateMode))
+        keep[q][g] = std::fabs(coef[q][g]) > a.tau;
+    }
+  }
+  int appended = 0;
+  for (int j = 0; j < m; ++j) {
+    const int g = slot[j];
+    bool any = false;
+    for (int64_t q = 0; q < a.rows; ++q) any = any || keep[q][g];
+    if (!any) continue;
+    kept_ids[appended] = ids[g];
+    for (int64_t q = 0; q < a.rows; ++q) kept_coef[q * stride + appended] = keep[q][g] ? coef[q][g] : 0.0f;
+    ++appended;
+  }
+  return appended;
 }
 
-template <typename T, typename Index>
-int64_t mlp_run(const MlpArgs<T>& a, Index index, int64_t k, bool gathered, const float* b_down,
-                float* out) {
-  const int64_t per_neuron_in = a.r * a.d;
-  return run_chunked(k, a.d, b_down, a.rows, out, [&](int64_t lo, int64_t hi, float* acc) {
+// acc[q] += sum_p coef[q][p] * w_dt[ids[p]] over p in [0, n).
+template <typename T>
+void mlp_down(const MlpArgs<T>& a, const int64_t* ids, const float* coef, int64_t stride,
+              int64_t n, int group, float* acc) {
+  const T* rows[kGroup];
+  for (int64_t p = 0; p < n; p += group) {
+    const int m = static_cast<int>(std::min<int64_t>(group, n - p));
+    for (int g = 0; g < m; ++g) rows[g] = a.w_dt + ids[p + g] * a.d;
+    for (int64_t q = 0; q < a.rows; ++q) axpy_n(m, coef + q * stride + p, rows, acc + q * a.d, a.d);
+  }
+}
+
+template <typename T>
+int64_t mlp_run(const MlpArgs<T>& a, const KeptList& list, const float* b_down, float* out) {
+  // Gate/up rows form one unbroken stream only when every listed neuron's full w_in
+  // block is read; CATS gate mode on a gated MLP reads gate rows with the up rows as gaps.
+  const bool in_stream = list.contiguous && !(a.r == 2 && a.mode == kGateMode);
+  const int in_group = in_stream ? 1 : kGroup;
+  const int64_t stride = std::max<int64_t>(list.k, 1);
+  int64_t* kept_ids = scratch<int64_t, 4>(stride);
+  float* coef = scratch<float, 5>(a.rows * stride);
+  return run_chunked(list.k, a.rows, a.d, b_down, out, [&](int64_t lo, int64_t hi, float* acc) {
     int64_t kept = 0;
-    for (int64_t p = lo; p < hi; ++p) {
-      if (gathered && p + kPrefetchAhead < hi) {
-        const int64_t nxt = index[p + kPrefetchAhead];
-        prefetch(a.w_in + nxt * per_neuron_in, per_neuron_in);
-        prefetch(a.w_dt + nxt * a.d, a.d);
-      }
-      kept += mlp_neuron(a, index[p], acc);
+    for (int64_t p = lo; p < hi; p += in_group) {
+      const int n = static_cast<int>(std::min<int64_t>(in_group, hi - p));
+      kept += mlp_coefficients(a, list.ids + p, n, kept_ids + lo + kept, coef + lo + kept, stride);
     }
+    const int down_group = (list.contiguous && kept == hi - lo) ? 1 : kGroup;
+    mlp_down(a, kept_ids + lo, coef + lo, stride, kept, down_group, acc);
     return kept;
   });
 }
 
-// ---------------------------------------------------------------- input-sparse linear
+// ------------------------------------------------------------------ input-sparse linear
 
 template <typename T>
 struct LinearArgs {
   const float* x;  // [rows, in]
   int64_t rows, in, out;
   const T* wt;     // [in, out]
-  bool masked;     // tau mode: rows whose |x_j| <= tau skip channel j
+  bool masked;     // tau mode: a row whose |x_j| <= tau skips channel j
   float tau;
 };
 
-template <typename T, typename Index>
-void linear_run(const LinearArgs<T>& a, Index index, int64_t k, bool gathered, const float* bias,
-                float* out) {
-  run_chunked(k, a.out, bias, a.rows, out, [&](int64_t lo, int64_t hi, float* acc) {
-    for (int64_t p = lo; p < hi; ++p) {
-      if (gathered && p + kPrefetchAhead < hi) prefetch(a.wt + index[p + kPrefetchAhead] * a.out, a.out);
-      const int64_t j = index[p];
-      const T* col = a.wt + j * a.out;
+template <typename T>
+void linear_run(const LinearArgs<T>& a, const KeptList& list, const float* bias, float* out) {
+  const int group = list.contiguous ? 1 : kGroup;
+  run_chunked(list.k, a.rows, a.out, bias, out, [&](int64_t lo, int64_t hi, float* acc) {
+    const T* cols[kGroup];
+    float coef[kGroup];
+    for (int64_t p = lo; p < hi; p += group) {
+      const int m = static_cast<int>(std::min<int64_t>(group, hi - p));
+      for (int g = 0; g < m; ++g) cols[g] = a.wt + list.ids[p + g] * a.out;
       for (int64_t q = 0; q < a.rows; ++q) {
-        const float c = a.x[q * a.in + j];
-        if (a.masked && !(std::fabs(c) > a.tau)) continue;
-        axpy(c, col, acc + q * a.out, a.out);
+        for (int g = 0; g < m; ++g) {
+          const float c = a.x[q * a.in + list.ids[p + g]];
+          coef[g] = (a.masked && !(std::fabs(c) > a.tau)) ? 0.0f : c;
+        }
+        axpy_n(m, coef, cols, acc + q * a.out, a.out);
       }
     }
     return int64_t{0};
   });
 }
 
-// ---------------------------------------------------------------- tensor plumbing
+// Channels where some row has |x_j| > tau, ascending.
+KeptList threshold_ids(const float* x, int64_t rows, int64_t in, float tau) {
+  int64_t* out = scratch<int64_t, 0>(std::max<int64_t>(in, 1));
+  int64_t k = 0;
+  for (int64_t j = 0; j < in; ++j)
+    for (int64_t q = 0; q < rows; ++q)
+      if (std::fabs(x[q * in + j]) > tau) {
+        out[k++] = j;
+        break;
+      }
+  return {out, k, k > 0 && out[k - 1] - out[0] == k - 1};
+}
+
+// ------------------------------------------------------------------ tensor plumbing
 
 at::Tensor as_rows(const at::Tensor& x, int64_t width, const char* what) {
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, what, ": x must be [", width, "] or [n, ", width,
               "], got ", x.sizes());
   TORCH_CHECK(x.size(-1) == width, what, ": x has ", x.size(-1), " features, expected ", width);
-  TORCH_CHECK(!x.is_cuda(), what, ": CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu(), what, ": CPU tensors only");
   return x.to(at::kFloat).contiguous();
 }
 
@@ -308,7 +481,8 @@ at::Tensor output_for(const at::Tensor& x, int64_t width, const c10::optional<at
 }
 
 void check_weights(const at::Tensor& w, const char* what) {
-  TORCH_CHECK(w.is_contiguous(), what, " must be contiguous (use moyu.kernels.pack_*)");
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), what,
+              " must be a contiguous CPU tensor (use moyu.kernels.pack_*)");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
               " must be float32 or bfloat16");
 }
@@ -320,52 +494,20 @@ const float* bias_ptr(const c10::optional<at::Tensor>& b, int64_t numel, const c
   return b->data_ptr<float>();
 }
 
-template <typename I>
-void check_index(const I* p, int64_t k, int64_t limit) {
-  for (int64_t q = 0; q < k; ++q)
-    TORCH_CHECK(p[q] >= 0 && static_cast<int64_t>(p[q]) < limit, "index ", static_cast<int64_t>(p[q]),
-                " out of range [0, ", limit, ")");
-}
-
-// Calls fn(index, k, gathered) with the right accessor for idx (None / int64 / int32).
-template <typename Fn>
-void with_index(const c10::optional<at::Tensor>& idx, int64_t limit, const Fn& fn) {
-  if (!idx.has_value()) {
-    fn(AllIndex{}, limit, false);
-    return;
-  }
-  const at::Tensor& t = *idx;
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "idx must be a contiguous 1-D tensor");
-  const int64_t k = t.numel();
-  if (t.scalar_type() == at::kLong) {
-    check_index(t.data_ptr<int64_t>(), k, limit);
-    fn(ListIndex<int64_t>{t.data_ptr<int64_t>()}, k, true);
-  } else if (t.scalar_type() == at::kInt) {
-    check_index(t.data_ptr<int32_t>(), k, limit);
-    fn(ListIndex<int32_t>{t.data_ptr<int32_t>()}, k, true);
-  } else {
-    TORCH_CHECK(false, "idx must be int64 or int32, got ", t.scalar_type());
-  }
-}
-
 template <typename T>
 int64_t mlp_dispatch(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_dt,
-                     const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& b_down,
-                     const c10::optional<at::Tensor>& idx, int64_t act, int64_t mode, double tau,
-                     at::Tensor& out) {
-  const int64_t d_ff = w_in.size(0), r = w_in.size(1), d = w_in.size(2);
+                     const float* b_in, const float* b_down, const KeptList& list, int64_t act,
+                     int64_t mode, double tau, at::Tensor& out) {
+  const int64_t d = w_in.size(2);
   const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
-  MlpArgs<T> a{nullptr, 0, d, w_in.data_ptr<T>(), w_dt.data_ptr<T>(), r,
-               bias_ptr(b_in, d_ff * r, "b_in"), act, mode, static_cast<float>(tau)};
-  const float* bd = bias_ptr(b_down, d, "b_down");
+  MlpArgs<T> a{nullptr, 0, d, w_in.data_ptr<T>(), w_dt.data_ptr<T>(), w_in.size(1),
+               b_in, act, mode, static_cast<float>(tau)};
   int64_t kept = 0;
-  with_index(idx, d_ff, [&](auto index, int64_t k, bool gathered) {
-    for (int64_t q0 = 0; q0 < rows; q0 += kMaxRows) {
-      a.x = x.data_ptr<float>() + q0 * d;
-      a.rows = std::min(kMaxRows, rows - q0);
-      kept = std::max(kept, mlp_run(a, index, k, gathered, bd, out.data_ptr<float>() + q0 * d));
-    }
-  });
+  for (int64_t q0 = 0; q0 < rows; q0 += kMaxRows) {
+    a.x = x.data_ptr<float>() + q0 * d;
+    a.rows = std::min(kMaxRows, rows - q0);
+    kept = std::max(kept, mlp_run(a, list, b_down, out.data_ptr<float>() + q0 * d));
+  }
   return kept;
 }
 
@@ -383,14 +525,17 @@ std::tuple<at::Tensor, int64_t> mlp_impl(const at::Tensor& x_in, const at::Tenso
                   w_dt.scalar_type() == w_in.scalar_type(),
               "w_down_t must be [d_ff, d] with the dtype of w_in");
   TORCH_CHECK(act >= kSilu && act <= kRelu, "unknown activation id ", act);
-  const int64_t d = w_in.size(2);
+  const int64_t d_ff = w_in.size(0), d = w_in.size(2);
   at::Tensor x = as_rows(x_in, d, "sparse_mlp");
   at::Tensor out = output_for(x, d, out_opt);
+  const float* bi = bias_ptr(b_in, d_ff * w_in.size(1), "b_in");
+  const float* bd = bias_ptr(b_down, d, "b_down");
+  const KeptList list = sorted_ids(idx, d_ff);
   int64_t kept;
   if (w_in.scalar_type() == at::kFloat)
-    kept = mlp_dispatch<float>(x, w_in, w_dt, b_in, b_down, idx, act, mode, tau, out);
+    kept = mlp_dispatch<float>(x, w_in, w_dt, bi, bd, list, act, mode, tau, out);
   else
-    kept = mlp_dispatch<bf16>(x, w_in, w_dt, b_in, b_down, idx, act, mode, tau, out);
+    kept = mlp_dispatch<bf16>(x, w_in, w_dt, bi, bd, list, act, mode, tau, out);
   return {out, kept};
 }
 
@@ -398,7 +543,7 @@ at::Tensor sparse_mlp(const at::Tensor& x, const at::Tensor& w_in, const at::Ten
                       const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& b_down,
                       const c10::optional<at::Tensor>& idx, int64_t act,
                       const c10::optional<at::Tensor>& out) {
-  return std::get<0>(mlp_impl(x, w_in, w_dt, b_in, b_down, idx, act, 0, 0.0, out));
+  return std::get<0>(mlp_impl(x, w_in, w_dt, b_in, b_down, idx, act, kAll, 0.0, out));
 }
 
 std::tuple<at::Tensor, int64_t> sparse_mlp_threshold(const at::Tensor& x, const at::Tensor& w_in,
@@ -413,31 +558,18 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_threshold(const at::Tensor& x, const 
 
 template <typename T>
 void linear_dispatch(const at::Tensor& x, const at::Tensor& wt, const float* bias,
-                     const c10::optional<at::Tensor>& idx, c10::optional<double> tau, at::Tensor& out) {
+                     const c10::optional<at::Tensor>& idx, c10::optional<double> tau,
+                     at::Tensor& out) {
   const int64_t in = wt.size(0), width = wt.size(1);
   const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
+  const bool by_tau = !idx.has_value() && tau.has_value();
+  KeptList list{nullptr, 0, true};
+  if (!by_tau) list = sorted_ids(idx, in);
   for (int64_t q0 = 0; q0 < rows; q0 += kMaxRows) {
     LinearArgs<T> a{x.data_ptr<float>() + q0 * in, std::min(kMaxRows, rows - q0), in, width,
-                    wt.data_ptr<T>(), false, 0.0f};
-    float* o = out.data_ptr<float>() + q0 * width;
-    if (!idx.has_value() && tau.has_value()) {
-      // Kept channels: those where any row passes the threshold (each row masks its own).
-      a.masked = true;
-      a.tau = static_cast<float>(*tau);
-      std::vector<int64_t> kept;
-      kept.reserve(in);
-      for (int64_t j = 0; j < in; ++j)
-        for (int64_t q = 0; q < a.rows; ++q)
-          if (std::fabs(a.x[q * in + j]) > a.tau) {
-            kept.push_back(j);
-            break;
-          }
-      linear_run(a, ListIndex<int64_t>{kept.data()}, static_cast<int64_t>(kept.size()), true, bias, o);
-    } else {
-      with_index(idx, in, [&](auto index, int64_t k, bool gathered) {
-        linear_run(a, index, k, gathered, bias, o);
-      });
-    }
+                    wt.data_ptr<T>(), by_tau, by_tau ? static_cast<float>(*tau) : 0.0f};
+    if (by_tau) list = threshold_ids(a.x, a.rows, in, a.tau);
+    linear_run(a, list, bias, out.data_ptr<float>() + q0 * width);
   }
 }
 
@@ -461,8 +593,12 @@ bool has_avx2() { return MOYU_AVX2 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moyu sparse CPU kernels";
-  m.def("sparse_mlp", &moyu::sparse_mlp, "sparse MLP over a kept neuron list");
-  m.def("sparse_mlp_threshold", &moyu::sparse_mlp_threshold, "CATS-style thresholded sparse MLP");
-  m.def("input_sparse_linear", &moyu::input_sparse_linear, "input-sparse linear (TEAL/WINA)");
+  // The GIL is released while a kernel runs so other Python threads keep going.
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("sparse_mlp", &moyu::sparse_mlp, "sparse MLP over a kept neuron list", release());
+  m.def("sparse_mlp_threshold", &moyu::sparse_mlp_threshold, "CATS-style thresholded sparse MLP",
+        release());
+  m.def("input_sparse_linear", &moyu::input_sparse_linear, "input-sparse linear (TEAL/WINA)",
+        release());
   m.def("has_avx2", &moyu::has_avx2, "whether the AVX2/FMA code path was compiled");
 }

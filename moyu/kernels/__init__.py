@@ -1,0 +1,17 @@
+"""Batch-1 sparse MLP and input-sparse linear kernels for CPU decode.
+
+Decode is memory-bandwidth bound, so these kernels win by never reading the weights of
+skipped neurons (or input channels). Pack the weights once (:func:`pack_mlp`,
+:func:`pack_linear`), then call :func:`sparse_mlp`, :func:`sparse_mlp_threshold` or
+:func:`input_sparse_linear` per token. A C++ extension (AVX2/FMA, ``at::parallel_for``)
+is built on first use into ``$MOYU_CACHE/kernels``; without a compiler a PyTorch fallback
+with the same semantics is used (``MOYU_KERNELS=torch|cpp`` forces either).
+"""
+from .ops import (backend_name, dense_mlp, input_sparse_linear, sparse_mlp,
+                  sparse_mlp_threshold)
+from .packing import ACTIVATIONS, PackedLinear, PackedMLP, pack_linear, pack_mlp
+
+__all__ = [
+    "ACTIVATIONS", "PackedLinear", "PackedMLP", "backend_name", "dense_mlp",
+    "input_sparse_linear", "pack_linear", "pack_mlp", "sparse_mlp", "sparse_mlp_threshold",
+]
