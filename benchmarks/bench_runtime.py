@@ -104,8 +104,10 @@ def time_split(lean: LeanModel, ids: torch.Tensor, reps: int = 20) -> dict[str, 
     return out
 
 
-def peak_rss_mb(variant: str, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the model and runs ``variant`` briefly."""
+def rss_mb(variant: str, threads: int) -> float:
+    """Resident memory (MB) of a fresh process after loading the model and running ``variant``
+    briefly (the runtime variants delete the HF model first). Peak RSS would only show the
+    HF load, which every variant shares."""
     code = (
         "import resource, torch, moyu, gc\n"
         f"torch.set_num_threads({threads})\n"
@@ -119,7 +121,8 @@ def peak_rss_mb(variant: str, threads: int) -> float:
         "    lean = LeanModel.from_hf(m, dtype=torch.bfloat16 if v == 'bf16' else torch.float32, max_seq=256)\n"
         "    del m; gc.collect()\n"
         "    lean.generate(ids, 8)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
+        "print(int(rss) / 1024)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     try:
@@ -174,8 +177,8 @@ def main() -> None:
             print(f"  {k}: " + ", ".join(f"{n} {v:.1f}" for n, v in sp.items()))
     print(f"\nload avg at end {os.getloadavg()[0]:.1f}")
     if not args.no_rss:
-        print("peak RSS (fresh process, load + 8 tokens; runtime after deleting the HF model): "
-              + ", ".join(f"{v} {peak_rss_mb(v, args.threads):.0f} MB" for v in ("hf", "fp32", "bf16")))
+        print("RSS after 8 tokens (fresh process; runtime after deleting the HF model): "
+              + ", ".join(f"{v} {rss_mb(v, args.threads):.0f} MB" for v in ("hf", "fp32", "bf16")))
 
 
 if __name__ == "__main__":

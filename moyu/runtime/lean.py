@@ -100,6 +100,9 @@ class LeanModel:
                 passed reordered to ``[q; k; v]``.
             dtype: storage of the weights, float32 or bfloat16 (activations stay fp32).
             max_seq: KV cache length (prompt + new tokens).
+
+        Batch 1 only. Peak memory during conversion is the HF model plus the packed copy;
+        the runtime keeps no reference to the HF MLP or q/k/v weights afterwards.
         """
         check_dtype(dtype)
         mlp_factory = mlp_factory or dense_mlp_factory(dtype)
@@ -113,9 +116,7 @@ class LeanModel:
                 spec.embed = None
             elif dtype != torch.float32:
                 spec.embed = spec.embed.to(dtype)
-        lean = cls(spec, max_seq, dtype)
-        lean._tied = tied
-        return lean
+        return cls(spec, max_seq, dtype)
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
