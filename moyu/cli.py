@@ -199,13 +199,15 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsities", default="0.3,0.5,0.7")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of other methods already in DIR/sweep.json (same model and text)")
 
 
 @command("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot")
 @options(_configure_sweep)
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .methods import calibration_ids, check_sparsity, get_method
-    from .sweep import run_sweep, to_markdown, write_sweep
+    from .sweep import merge_rows, run_sweep, to_markdown, write_sweep
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         get_method(m)
@@ -216,6 +218,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, tok = load_model(args)
     rows = run_sweep(model, calibration_ids(tok, args.calib_tokens), eval_tokens(args, tok), methods,
                      sparsities, windows_from(args))
+    if args.merge:
+        rows = merge_rows(args.out, rows, {"model": args.model, "text": args.text or "eval corpus"})
     title = f"{args.model}: quality vs sparsity ({rows[0]['dense_ppl']:.2f} dense perplexity)"
     write_sweep(rows, args.out, title, {"model": args.model, "text": args.text or "eval corpus"})
     print(to_markdown(rows))
@@ -261,6 +265,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "
           f"KL {sp.kl:.4f}, top-1 agreement {sp.top1_agree:.3f}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("bench", "decode speed at batch 1: HF dense, moyu dense and moyu sparse, side by side")
+@options(_configure_bench)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from . import data
+    from .bench import bench
+    from .methods import check_sparsity, get_method
+    from .models import BUILTINS, builtin_gguf
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method:
+        get_method(args.method)
+        check_sparsity(args.sparsity)
+    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
+        raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
+    args.prompt_len, args.scored_len = 256, 256
+    model, tok = load_model(args)
+    prof = make_profile(args, model, tok) if (args.method or args.profile) else None
+    ids = data.tokens(tok, "eval", args.prompt_tokens)
+    gguf = str(builtin_gguf(args.model)) if args.model in BUILTINS else (
+        args.model if args.model.endswith(".gguf") else None)
+    res = bench(model, tok, prof, ids, args.new_tokens, args.runs, getattr(torch, args.dtype),
+                gguf=gguf, include_hf=not args.no_hf, progress=not args.json)
+    res = {"model": args.model, "method": prof.method if prof else None,
+           "target": prof.target.get("sparsity") if prof else None, **res}
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{args.model}, batch 1, {res['environment']['threads']} threads, {res['dtype']}, prompt "
+          f"{res['prompt_tokens']}, {res['new_tokens']} new tokens, median of {args.runs}; memory "
+          f"bandwidth {res['bandwidth_gb_s']} GB/s")
+    for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp_q4"):
+        if name in res:
+            r = res[name]
+            print(f"  {name:<12} {r['tok_s']:7.2f} tok/s   roofline {r['roofline_tok_s']:7.1f} tok/s "
+                  f"({100 * r['roofline_share']:.0f} % reached)   {r['memory_bytes'] / 1e6:.0f} MB")
+    for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "sparsity"):
+        if k in res:
+            print(f"  {k}: {res[k]}")
     return 0
 
 

@@ -56,6 +56,28 @@ def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
     return rows
 
 
+def merge_rows(out: str | Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` plus the rows of *other* methods in ``out/sweep.json`` (a previous sweep).
+
+    The old sweep must be of the same model and text with the same dense perplexity;
+    otherwise the rows would not be comparable and this is refused.
+    """
+    path = Path(out) / "sweep.json"
+    if not path.exists():
+        return rows
+    try:
+        old = json.loads(path.read_text())
+        old_rows = old["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MoyuError(f"cannot merge into {path}: not a moyu sweep ({e}); drop --merge") from None
+    if any(old.get(k) != v for k, v in meta.items()) or (
+            old_rows and rows and abs(old_rows[0]["dense_ppl"] - rows[0]["dense_ppl"]) > 1e-3 * rows[0]["dense_ppl"]):
+        raise MoyuError(f"cannot merge into {path}: it was measured on another model, text or protocol; "
+                        "use a new --out")
+    new = {r["method"] for r in rows}
+    return [r for r in old_rows if r["method"] not in new] + rows
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The sweep as a Markdown table."""
     head = "| method | target | sparsity | weights skipped | ppl | dense ppl | ppl ratio | KL | top-1 agree |"

@@ -321,6 +321,65 @@ def test_backends_agree(dtype, monkeypatch):
         torch.testing.assert_close(got, want, **_tol("torch", dtype))
 
 
+def _sketch(mlp: Mlp, packed: PackedMLP):
+    """int8 per-row sketch of packed w_in, in the layout the sketch kernels take."""
+    from moyu.methods.native import quantize_rows
+    d_ff, r, d = packed.w_in.shape
+    codes, scales = quantize_rows(packed.w_in.float().reshape(d_ff * r, d))
+    return codes.reshape(d_ff, r, d), scales.reshape(d_ff, r).contiguous(), packed.b_in
+
+
+def _sketch_reference(mlp: Mlp, codes, scales, bias, x):
+    w = codes.float() * scales[..., None]                       # [d_ff, r, d]
+    pre = torch.einsum("frd,d->fr", w, x) + (0 if bias is None else bias)
+    act = ACT_REF[mlp.act](pre[:, 0])
+    return act * pre[:, 1] if pre.shape[1] == 2 else act
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_sketch_kernels(backend, act, gated, bias, dtype):
+    from moyu.kernels import sketch_act, sketch_mlp
+    mlp = Mlp(act, gated, bias, dtype, seed=3)
+    packed = mlp.pack()
+    codes, scales, b = _sketch(mlp, packed)
+    down_norm = mlp.w_down.norm(dim=0).contiguous()
+    xs = torch.randn(3, D)
+    est = sketch_act(xs, codes, scales, b, packed.act_id)
+    for q in range(3):
+        torch.testing.assert_close(est[q], _sketch_reference(mlp, codes, scales, b, xs[q]),
+                                   atol=1e-4, rtol=1e-4)
+    score = est[0].abs() * down_norm
+    srt = score.sort().values
+    half = float(srt[D_FF // 2 - 1] + srt[D_FF // 2]) / 2   # between two scores: no ties
+    for tau in (-1.0, half, float(score.max()) + 1):   # all, half, none kept
+        keep = score > tau
+        for reuse in (False, True):
+            y, kept = sketch_mlp(xs[0], codes, scales, b, down_norm, tau, packed, reuse)
+            assert kept == int(keep.sum())                 # same selection as sketch_act
+            if reuse:
+                want = F.linear(est[0] * keep, mlp.w_down, mlp.b_down)
+            else:
+                want = mlp.reference(xs[0], keep.float())
+            torch.testing.assert_close(y, want, **_tol(backend, dtype))
+
+
+@needs_cpp
+def test_sketch_backends_agree(monkeypatch):
+    from moyu.kernels import sketch_act
+    mlp = Mlp("silu", True, False, torch.float32, seed=4, d=576, d_ff=1536)
+    packed = mlp.pack()
+    codes, scales, b = _sketch(mlp, packed)
+    x = torch.randn(5, 576)
+    got = {}
+    for name, impl in (("torch", _torch_impl), ("cpp", _CPP)):
+        monkeypatch.setattr(ops, "_impl", impl)
+        got[name] = sketch_act(x, codes, scales, b, packed.act_id)
+    torch.testing.assert_close(got["cpp"], got["torch"], atol=1e-4, rtol=1e-4)
+
+
 def test_pack_layout_and_validation():
     mlp = Mlp("silu", True, True, torch.float32)
     p = mlp.pack()

@@ -26,7 +26,7 @@ def _reference(ml, x, keep):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "opt"])
-@pytest.mark.parametrize("method", ["dense", "cats", "sketch", "dejavu", "moe", "relu", "griffin", "tda", "cett"])
+@pytest.mark.parametrize("method", ["dense", "cats", "sketch", "sketch-reuse", "dejavu", "moe", "relu", "griffin", "tda", "cett"])
 def test_step_matches_masked_reference(arch, method):
     model = tiny_model(arch)
     try:
@@ -57,7 +57,14 @@ def test_step_matches_masked_reference(arch, method):
                 if ml.gated:
                     inp.g = torch.nn.functional.linear(x, ml.w_gate, ml.b_gate)[None, None]
                 inp.u = torch.nn.functional.linear(x, ml.w_up, ml.b_up)[None, None]
-                keep = rule.mask(a, inp)[0, 0]
+                keep3 = rule.mask(a, inp)
+                keep = keep3[0, 0]
+                if method == "sketch-reuse":   # kept neurons take the sketch's own estimate
+                    a_used = rule.apply(a, keep3, inp)[0, 0]
+                    ref = torch.nn.functional.linear(a_used, ml.w_down, ml.b_down)
+                    assert step.kept == int(keep.sum())
+                    assert torch.allclose(y, ref, atol=1e-4)
+                    continue
                 if method == "relu":   # ReLU swaps the activation, not only the kept set
                     pre = inp.g if ml.gated else inp.u
                     act = torch.relu(pre[0, 0]) * keep
@@ -79,7 +86,7 @@ def test_oracle_and_input_methods_have_no_decode_step():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("method", ["cats", "sketch", "griffin", "tda", "dejavu", "moe"])
+@pytest.mark.parametrize("method", ["cats", "sketch", "sketch-reuse", "griffin", "tda", "dejavu", "moe"])
 def test_runtime_logits_equal_evaluation_path(arch, method):
     """One truth: the lean runtime with a profile gives the logits the evaluation hooks give."""
     from moyu.methods import sparsify

@@ -138,3 +138,32 @@ def input_sparse_linear(x: Tensor, wt: Tensor, b: Tensor | None, idx: Tensor | N
     if b is not None:
         y = y + b
     return _finish(y, x, out)
+
+
+def sketch_act(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, act: int) -> Tensor:
+    """Fallback of the C++ ``sketch_act``: int8-sketch activations ``a~`` ``[n, d_ff]``."""
+    d_ff, r, d = codes.shape
+    x2 = _rows(x, d)
+    pre = F.linear(x2, codes.reshape(d_ff * r, d).float()) * scales.reshape(-1)
+    if bias is not None:
+        pre = pre + bias.reshape(-1)
+    return _activations(pre.reshape(-1, d_ff, r), None, act)
+
+
+def sketch_mlp(x: Tensor, codes: Tensor, scales: Tensor, sk_bias: Tensor | None, down_norm: Tensor,
+               tau: float, w_in: Tensor, w_dt: Tensor, b_in: Tensor | None, b_down: Tensor | None,
+               act: int, reuse: bool, out: Tensor | None = None) -> tuple[Tensor, int]:
+    """Fallback of the C++ ``sketch_mlp``; returns (y, most neurons kept by one row)."""
+    d = w_in.shape[2]
+    x2 = _rows(x, d)
+    ys, kept = [], 0
+    for row in x2:
+        a = sketch_act(row, codes, scales, sk_bias, act)[0]
+        keep = ((a.abs() * down_norm) > tau).nonzero().squeeze(1)
+        kept = max(kept, int(keep.numel()))
+        if reuse:
+            y = _down(a[keep][None], w_dt, keep)[0]
+            ys.append(y if b_down is None else y + b_down)
+        else:
+            ys.append(sparse_mlp(row, w_in, w_dt, b_in, b_down, keep, act))
+    return _finish(torch.stack(ys), x, out), kept

@@ -102,3 +102,30 @@ def input_sparse_linear(x: Tensor, packed: PackedLinear, idx: Tensor | None = No
     impl = _impl or _backend()
     return impl.input_sparse_linear(x, packed.wt, packed.b, idx,
                                     None if tau is None else float(tau), out)
+
+
+def sketch_act(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, act_id: int) -> Tensor:
+    """Activations of every neuron estimated from an int8 sketch of ``w_in``: ``[n, d_ff]``.
+
+    ``codes`` is int8 ``[d_ff, r, d]`` (the :class:`PackedMLP` ``w_in`` layout), ``scales``
+    and ``bias`` float32 ``[d_ff, r]``: ``pre = (codes . x) * scale + bias``, then
+    ``a~ = act(pre_gate) * pre_up`` (gated) or ``act(pre)``. The decode kernel
+    :func:`sketch_mlp` computes the same numbers bit for bit, so evaluation and decode
+    select the same neurons.
+    """
+    impl = _impl or _backend()
+    return impl.sketch_act(x, codes, scales, bias, act_id)
+
+
+def sketch_mlp(x: Tensor, codes: Tensor, scales: Tensor, sk_bias: Tensor | None, down_norm: Tensor,
+               tau: float, packed: PackedMLP, reuse: bool = False,
+               out: Tensor | None = None) -> tuple[Tensor, int]:
+    """Sketch-selected sparse MLP for decode: keeps neurons with ``|a~_i| * down_norm_i > tau``.
+
+    Reads the int8 sketch of every neuron, then only the kept neurons' weights: their
+    gate/up rows and down columns (``reuse=False``: exact activations), or only their down
+    columns (``reuse=True``: ``a~`` itself is used). Returns ``(y, n_kept)``.
+    """
+    impl = _impl or _backend()
+    return impl.sketch_mlp(x, codes, scales, sk_bias, down_norm, float(tau), packed.w_in,
+                           packed.w_down_t, packed.b_in, packed.b_down, packed.act_id, bool(reuse), out)

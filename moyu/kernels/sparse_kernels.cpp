@@ -587,6 +587,192 @@ at::Tensor input_sparse_linear(const at::Tensor& x_in, const at::Tensor& wt,
   return out;
 }
 
+// ------------------------------------------------------------------ sketch (moyu's own method)
+//
+// Every neuron is scored from an int8 copy of its gate/up rows ("the sketch", a quarter of
+// the fp32 bytes, read as one sequential stream): g~, u~ = codes . x * scale + b,
+// a~ = act(g~) * u~ (plain MLPs: act(u~)), score = |a~| * ||W_down[:, i]||. Neurons with
+// score > tau are kept; then either their exact activations are computed from the fp32/bf16
+// rows (exact mode), or a~ itself is used and only their down rows are read (reuse mode).
+// sketch_act (batched, for evaluation) and the decode kernel share sketch_block, one
+// non-inlined function, so both produce bit-identical a~ and select the same neurons.
+
+struct SketchArgs {
+  const int8_t* codes;   // [d_ff, r, d]
+  const float* scales;   // [d_ff, r]
+  const float* bias;     // [d_ff, r] or null
+  int64_t r, d, act;
+};
+
+// dot(codes row, x) with a fixed accumulation order (independent of the caller).
+inline float dot_i8(const int8_t* w, const float* x, int64_t d) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if MOYU_AVX2
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; i + 32 <= d; i += 32)
+    for (int u = 0; u < 4; ++u) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i + 8 * u));
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+      acc[u] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + i + 8 * u), acc[u]);
+    }
+  for (; i + 8 <= d; i += 8) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i));
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x + i), acc[0]);
+  }
+  s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#endif
+  for (; i < d; ++i) s += static_cast<float>(w[i]) * x[i];
+  return s;
+}
+
+// a~ of neurons [lo, hi) for one row x into a_out[0 .. hi-lo).
+__attribute__((noinline)) void sketch_block(const SketchArgs& a, const float* x, int64_t lo,
+                                            int64_t hi, float* a_out) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int8_t* w = a.codes + i * a.r * a.d;
+    float pre[2];
+    for (int64_t j = 0; j < a.r; ++j) {
+      const float dot = dot_i8(w + j * a.d, x, a.d);
+      const float scaled = dot * a.scales[i * a.r + j];
+      pre[j] = a.bias ? scaled + a.bias[i * a.r + j] : scaled;
+    }
+    const float g = activate(pre[0], a.act);
+    a_out[i - lo] = a.r == 2 ? g * pre[1] : g;
+  }
+}
+
+SketchArgs sketch_args(const at::Tensor& codes, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 3 && codes.is_contiguous() &&
+                  (codes.size(1) == 1 || codes.size(1) == 2),
+              "sketch codes must be a contiguous int8 tensor [d_ff, 1 or 2, d]");
+  const int64_t d_ff = codes.size(0), r = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == d_ff * r,
+              "sketch scales must be float32 [d_ff, r]");
+  TORCH_CHECK(act >= kSilu && act <= kRelu, "unknown activation id ", act);
+  return {codes.data_ptr<int8_t>(), scales.data_ptr<float>(), bias_ptr(bias, d_ff * r, "sketch bias"),
+          r, codes.size(2), act};
+}
+
+// a~ for every row and neuron: [n, d_ff] (evaluation path).
+at::Tensor sketch_act(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& bias, int64_t act) {
+  const SketchArgs a = sketch_args(codes, scales, bias, act);
+  const at::Tensor x = as_rows(x_in, a.d, "sketch_act").reshape({-1, a.d});
+  const int64_t n = x.size(0), d_ff = codes.size(0);
+  at::Tensor out = at::empty({n, d_ff}, x.options().dtype(at::kFloat));
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kBlock = 64;  // neurons per task: their codes stay in L1/L2 across rows
+  at::parallel_for(0, (d_ff + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(d_ff, lo + kBlock);
+      for (int64_t q = 0; q < n; ++q) {
+        sketch_block(a, xp + q * a.d, lo, hi, tmp.data());
+        std::memcpy(op + q * d_ff + lo, tmp.data(), (hi - lo) * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
+// One row: score all neurons, keep score > tau; kept ids ascending in ids, a~ in coef.
+int64_t sketch_select(const SketchArgs& a, const float* x, const float* down_norm, float tau,
+                      int64_t d_ff, int64_t* ids, float* coef) {
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d_ff / 256));
+  float* vals = scratch<float, 6>(d_ff);
+  int64_t* counts = scratch<int64_t, 7>(nchunks);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = d_ff * c / nchunks, hi = d_ff * (c + 1) / nchunks;
+      sketch_block(a, x, lo, hi, vals + lo);
+      int64_t k = lo;  // compact in place: kept ids and a~ at [lo, lo + count)
+      for (int64_t i = lo; i < hi; ++i) {
+        const float v = vals[i];
+        if (std::fabs(v) * down_norm[i] > tau) {
+          ids[k] = i;
+          coef[k++] = v;
+        }
+      }
+      counts[c] = k - lo;
+    }
+  });
+  int64_t k = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t lo = d_ff * c / nchunks;
+    std::memmove(ids + k, ids + lo, counts[c] * sizeof(int64_t));
+    std::memmove(coef + k, coef + lo, counts[c] * sizeof(float));
+    k += counts[c];
+  }
+  return k;
+}
+
+template <typename T>
+void sketch_down(const T* w_dt, int64_t d, const int64_t* ids, const float* coef, int64_t k,
+                 const float* b_down, float* out) {
+  run_chunked(k, 1, d, b_down, out, [&](int64_t lo, int64_t hi, float* acc) {
+    const T* rows[kGroup];
+    for (int64_t p = lo; p < hi; p += kGroup) {
+      const int m = static_cast<int>(std::min<int64_t>(kGroup, hi - p));
+      for (int g = 0; g < m; ++g) rows[g] = w_dt + ids[p + g] * d;
+      axpy_n(m, coef + p, rows, acc, d);
+    }
+    return hi - lo;
+  });
+}
+
+// Decode: y = sum over kept neurons of a_i * W_down[:, i] (+ b_down), per row of x.
+// exact: a_i recomputed from w_in; reuse: a_i = a~_i. Returns (y, max kept over rows).
+std::tuple<at::Tensor, int64_t> sketch_mlp(const at::Tensor& x_in, const at::Tensor& codes,
+                                           const at::Tensor& scales,
+                                           const c10::optional<at::Tensor>& sk_bias,
+                                           const at::Tensor& down_norm, double tau,
+                                           const at::Tensor& w_in, const at::Tensor& w_dt,
+                                           const c10::optional<at::Tensor>& b_in,
+                                           const c10::optional<at::Tensor>& b_down, int64_t act,
+                                           bool reuse, const c10::optional<at::Tensor>& out_opt) {
+  const SketchArgs a = sketch_args(codes, scales, sk_bias, act);
+  check_weights(w_in, "w_in");
+  check_weights(w_dt, "w_down_t");
+  const int64_t d_ff = codes.size(0), d = a.d;
+  TORCH_CHECK(w_in.dim() == 3 && w_in.size(0) == d_ff && w_in.size(1) == a.r && w_in.size(2) == d &&
+                  w_dt.dim() == 2 && w_dt.size(0) == d_ff && w_dt.size(1) == d &&
+                  w_dt.scalar_type() == w_in.scalar_type(),
+              "sketch_mlp: weights do not match the sketch's shape");
+  TORCH_CHECK(down_norm.scalar_type() == at::kFloat && down_norm.is_contiguous() && down_norm.numel() == d_ff,
+              "down_norm must be float32 [d_ff]");
+  const at::Tensor x = as_rows(x_in, d, "sketch_mlp");
+  at::Tensor out = output_for(x, d, out_opt);
+  const float* bi = bias_ptr(b_in, d_ff * a.r, "b_in");
+  const float* bd = bias_ptr(b_down, d, "b_down");
+  const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
+  int64_t* ids = scratch<int64_t, 8>(d_ff);
+  float* coef = scratch<float, 9>(d_ff);
+  int64_t kept_max = 0;
+  for (int64_t q = 0; q < rows; ++q) {
+    const float* xq = x.data_ptr<float>() + q * d;
+    float* oq = out.data_ptr<float>() + q * d;
+    const int64_t k = sketch_select(a, xq, down_norm.data_ptr<float>(), static_cast<float>(tau), d_ff, ids, coef);
+    kept_max = std::max(kept_max, k);
+    if (reuse) {
+      if (w_dt.scalar_type() == at::kFloat) sketch_down<float>(w_dt.data_ptr<float>(), d, ids, coef, k, bd, oq);
+      else sketch_down<bf16>(w_dt.data_ptr<bf16>(), d, ids, coef, k, bd, oq);
+    } else {
+      const KeptList list{ids, k, k > 0 && ids[k - 1] - ids[0] == k - 1};
+      if (w_in.scalar_type() == at::kFloat) {
+        MlpArgs<float> m{xq, 1, d, w_in.data_ptr<float>(), w_dt.data_ptr<float>(), a.r, bi, act, kAll, 0.0f};
+        mlp_run(m, list, bd, oq);
+      } else {
+        MlpArgs<bf16> m{xq, 1, d, w_in.data_ptr<bf16>(), w_dt.data_ptr<bf16>(), a.r, bi, act, kAll, 0.0f};
+        mlp_run(m, list, bd, oq);
+      }
+    }
+  }
+  return {out, kept_max};
+}
+
 bool has_avx2() { return MOYU_AVX2 != 0; }
 
 }  // namespace moyu
@@ -600,5 +786,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("input_sparse_linear", &moyu::input_sparse_linear, "input-sparse linear (TEAL/WINA)",
         release());
+  m.def("sketch_act", &moyu::sketch_act, "int8-sketch activations a~ of every neuron", release());
+  m.def("sketch_mlp", &moyu::sketch_mlp, "sketch-selected sparse MLP (exact or reuse)", release());
   m.def("has_avx2", &moyu::has_avx2, "whether the AVX2/FMA code path was compiled");
 }

@@ -57,6 +57,7 @@ class NeuronRule:
     needs: frozenset[str] = frozenset()   # any of "x", "g", "u"
     sequence: bool = False               # True: one set per sequence, chosen from the prompt
     full_reads: float = 0.0              # share of the MLP's bytes read for every token anyway
+    kept_reads: float | None = None      # share read per kept neuron on top (None: 1 - full_reads)
 
     def __init__(self, ml: MLPLayer):
         self.ml = ml
@@ -238,7 +239,8 @@ class Sparsifier:
             c.kept += n_keep
             c.total += keep.numel()
             n_tok = keep.numel() / dff
-            c.skipped_bytes += (1 - rule.full_reads) * mlp_params * (n_tok - n_keep / dff)
+            kept_reads = 1 - rule.full_reads if rule.kept_reads is None else rule.kept_reads
+            c.skipped_bytes += mlp_params * ((1 - rule.full_reads) * n_tok - kept_reads * n_keep / dff)
             out = torch.cat([a[:, :p], new_tail], 1) if p else new_tail
             return (out[0] if squeeze else out,)
 

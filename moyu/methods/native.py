@@ -36,51 +36,81 @@ def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
 
 
 class Sketch:
-    """The int8 sketch of one layer's gate/up (or fc1) weights and the scoring function."""
+    """The int8 sketch of one layer's gate/up (or fc1) weights and the scoring function.
+
+    Layout as the kernels' packed ``w_in``: codes ``[d_ff, r, d]`` int8 (neuron i's gate
+    and up rows adjacent), per-row float32 scales and biases ``[d_ff, r]``.
+    """
 
     def __init__(self, ml: MLPLayer):
+        from ..kernels.packing import activation_id
+        from ..runtime.steps import activation_kind
         self.ml = ml
-        w = torch.cat([ml.w_gate, ml.w_up], 0) if ml.gated else ml.w_up
-        self.codes, scales = quantize_rows(w, 8)
-        self.scales = scales.to(torch.bfloat16)
+        rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
+        w = torch.stack([r.detach().float() for r in rows], 1)            # [d_ff, r, d]
+        d_ff, r, d = w.shape
+        codes, scales = quantize_rows(w.reshape(d_ff * r, d), 8)
+        self.codes = codes.reshape(d_ff, r, d)
+        self.scales = scales.reshape(d_ff, r).contiguous()
         bias = [ml.b_gate, ml.b_up] if ml.gated else [ml.b_up]
-        self.bias = None if any(b is None for b in bias) else torch.cat([b.detach().float() for b in bias])
-        self.down_norm = down_norms(ml)
+        self.bias = None
+        if any(b is not None for b in bias):
+            self.bias = torch.stack([torch.zeros(d_ff) if b is None else b.detach().float()
+                                     for b in bias], 1).contiguous()
+        self.down_norm = down_norms(ml).float().contiguous()
+        self.act_id = activation_id(activation_kind(ml.act))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read per token to score every neuron."""
+        return sum(t.nbytes for t in (self.codes, self.scales, self.bias, self.down_norm) if t is not None)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Estimated activations ``a~`` of every neuron for inputs ``x`` ``[..., d]``.
+
+        The compiled kernel (or its PyTorch fallback) that the decode runtime also uses,
+        so evaluation and generation select the same neurons.
+        """
+        from ..kernels import sketch_act
+        a = sketch_act(x.reshape(-1, x.shape[-1]).float(), self.codes, self.scales, self.bias, self.act_id)
+        return a.reshape(*x.shape[:-1], -1)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Estimated contribution |a~_i| * ||W_down[:, i]|| of every neuron for inputs ``x``.
-
-        One int8 weight-only GEMV with bf16 activations (PyTorch's CPU kernel reads the
-        int8 codes directly); the decode runtime calls this same function, so evaluation
-        and generation select the same neurons.
-        """
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        pre = torch._weight_int8pack_mm(flat, self.codes, self.scales).float()
-        pre = pre.reshape(*x.shape[:-1], -1)
-        if self.bias is not None:
-            pre = pre + self.bias
-        if self.ml.gated:
-            g, u = pre.chunk(2, dim=-1)
-            a = self.ml.act(g) * u
-        else:
-            a = self.ml.act(pre)
-        return a.abs() * self.down_norm
+        """Estimated contribution ``|a~_i| * ||W_down[:, i]||`` of every neuron."""
+        return self.activations(x).abs() * self.down_norm
 
 
 class SketchRule(NeuronRule):
-    """Keep neurons whose sketched contribution exceeds tau (or the top-k when k is set)."""
+    """Keep neurons whose sketched contribution exceeds tau.
+
+    ``reuse=False``: the kept neurons are computed exactly. ``reuse=True``: the sketch's
+    own estimate ``a~`` is used for them, so decode reads only their down columns.
+    """
 
     needs = frozenset({"x"})
 
-    def __init__(self, ml: MLPLayer, tau: float):
+    def __init__(self, ml: MLPLayer, tau: float, reuse: bool = False):
         super().__init__(ml)
         self.sketch = Sketch(ml)
         self.tau = float(tau)
+        self.reuse = reuse
+        parts = 3 if ml.gated else 2
         # read for every token: the int8 sketch of gate+up (or fc1), relative to fp32 weights
-        self.full_reads = (2 / 3 if ml.gated else 1 / 2) / 4
+        self.full_reads = (parts - 1) / parts / 4
+        # read for each kept neuron: all of its fp32 weights, or only its down column
+        self.kept_reads = 1 / parts if reuse else 1.0
+        self._a: torch.Tensor | None = None
 
     def mask(self, a: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
-        return self.sketch.scores(inp.x) > self.tau
+        est = self.sketch.activations(inp.x)
+        self._a = est if self.reuse else None
+        return est.abs() * self.sketch.down_norm > self.tau
+
+    def apply(self, a: torch.Tensor, keep: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        if not self.reuse:
+            return super().apply(a, keep, inp)
+        est, self._a = self._a, None
+        return (est * keep).to(a.dtype)
 
 
 class SketchMethod(Method):
@@ -89,6 +119,7 @@ class SketchMethod(Method):
                "|act(g~)*u~|*||W_down col|| > tau_l, compute only those exactly")
     streams = {"x"}
     defaults = {"per_window": 32}
+    reuse = False
 
     def fit_layer(self, prof, ml, samples, target, params):
         s = target["sparsity"]
@@ -99,7 +130,15 @@ class SketchMethod(Method):
 
     def neuron_rule(self, prof, ml):
         tau = float(prof.layer(ml.index, "tau"))
-        return None if tau < 0 else SketchRule(ml, tau)
+        return None if tau < 0 else SketchRule(ml, tau, reuse=self.reuse)
+
+
+class SketchReuseMethod(SketchMethod):
+    name = "sketch-reuse"
+    summary = ("sketch, but the kept neurons use the sketch's own int8 estimate: decode reads "
+               "the int8 gate/up sketch and only the kept down columns (fastest)")
+    reuse = True
 
 
 register(SketchMethod())
+register(SketchReuseMethod())

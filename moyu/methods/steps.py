@@ -16,7 +16,7 @@ from torch import nn
 
 from ..arch import MLPLayer
 from ..errors import MoyuError
-from ..kernels import PackedMLP, sparse_mlp, sparse_mlp_threshold
+from ..kernels import PackedMLP, sketch_mlp, sparse_mlp, sparse_mlp_threshold
 from ..kernels.packing import activation_id
 from ..runtime.steps import DenseMLPStep
 from ..profile import Profile
@@ -28,12 +28,42 @@ from .sequence import PromptTopKRule
 from .token import GateThresholdRule, ReluRule
 
 
-class IndexStep(DenseMLPStep):
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.nbytes for t in tensors if t is not None)
+
+
+class MeteredStep(DenseMLPStep):
+    """A dense step that also reports the weight bytes it reads per decoded token."""
+
+    kept_sum = 0
+    calls = 0
+
+    def count(self, kept: int) -> None:
+        """Record one decode call that computed ``kept`` neurons."""
+        self.kept = kept
+        self.kept_sum += kept
+        self.calls += 1
+
+    @property
+    def kept_share(self) -> float:
+        """Mean share of neurons computed per decode call so far."""
+        return self.kept_sum / (self.calls * self.packed.d_ff) if self.calls else 1.0
+
+    def bytes_per_token(self) -> float:
+        """Mean weight bytes read per decoded token (selection structures included)."""
+        return self.packed.nbytes
+
+
+class IndexStep(MeteredStep):
     """Token-level rule: the rule's mask on this token gives the kept indices."""
 
     def __init__(self, ml: MLPLayer, rule: NeuronRule, dtype: torch.dtype = torch.float32):
         super().__init__(ml, dtype)
         self.ml, self.rule = ml, rule
+        self.selector_bytes = _nbytes(*(getattr(rule, n, None) for n in ("a", "b", "w", "bias")))
+
+    def bytes_per_token(self) -> float:
+        return self.kept_share * self.packed.nbytes + self.selector_bytes
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Kept neuron indices for one token."""
@@ -44,11 +74,11 @@ class IndexStep(DenseMLPStep):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.select(x)
-        self.kept = int(idx.numel())
+        self.count(int(idx.numel()))
         return sparse_mlp(x, self.packed, idx)
 
 
-class ThresholdStep(DenseMLPStep):
+class ThresholdStep(MeteredStep):
     """CATS / ReLU: the fused kernel reads the gate, then up/down only for kept neurons."""
 
     def __init__(self, ml: MLPLayer, tau: float, relu: bool = False, dtype: torch.dtype = torch.float32):
@@ -59,11 +89,38 @@ class ThresholdStep(DenseMLPStep):
         self.mode = "gate" if ml.gated else "act"
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        y, self.kept = sparse_mlp_threshold(x, self.sparse, self.tau, mode=self.mode)
+        y, kept = sparse_mlp_threshold(x, self.sparse, self.tau, mode=self.mode)
+        self.count(int(kept))
         return y
 
+    def bytes_per_token(self) -> float:
+        w_in = self.packed.w_in
+        first = w_in[:, 0].nbytes if self.packed.gated else w_in.nbytes   # read for every neuron
+        rest = self.packed.nbytes - first
+        return first + self.kept_share * rest
 
-class PromptStep(DenseMLPStep):
+
+class SketchStep(MeteredStep):
+    """moyu's ``sketch``: one fused kernel scores every neuron from the int8 sketch and
+    computes only the kept ones (exactly, or from the sketch's estimate with ``reuse``)."""
+
+    def __init__(self, ml: MLPLayer, rule: SketchRule, dtype: torch.dtype = torch.float32):
+        super().__init__(ml, dtype)
+        self.rule, sk = rule, rule.sketch
+        self._args = (sk.codes, sk.scales, sk.bias, sk.down_norm, rule.tau)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        y, kept = sketch_mlp(x, *self._args, self.packed, self.rule.reuse, self._out)
+        self.count(int(kept))
+        return y
+
+    def bytes_per_token(self) -> float:
+        p = self.packed
+        per_kept = p.nbytes if not self.rule.reuse else p.w_down_t.nbytes
+        return self.rule.sketch.nbytes + self.kept_share * per_kept
+
+
+class PromptStep(MeteredStep):
     """GRIFFIN / TDA: choose the set from the prompt, slice the weights once, decode densely on the slice."""
 
     def __init__(self, ml: MLPLayer, rule: PromptTopKRule, dtype: torch.dtype = torch.float32):
@@ -86,11 +143,15 @@ class PromptStep(DenseMLPStep):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.sliced is None:
             raise MoyuError("a sequence-level method needs the prompt first: call prefill")
+        self.count(self.sliced.d_ff)
         return sparse_mlp(x, self.sliced, None)
+
+    def bytes_per_token(self) -> float:
+        return self.sliced.nbytes if self.sliced is not None else self.packed.nbytes
 
 
 def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32
-                ) -> Callable[[MLPLayer], DenseMLPStep]:
+                ) -> Callable[[MLPLayer], MeteredStep]:
     """``MLPLayer -> step`` for the runtime, built from the same rules evaluation uses."""
     method = get_method(profile.method)
     if method.granularity == "input":
@@ -101,17 +162,19 @@ def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.f
                         "ceiling and has no speed path; bench another method")
     profile.check_model(model)
 
-    def make(ml: MLPLayer) -> DenseMLPStep:
+    def make(ml: MLPLayer) -> MeteredStep:
         rule = method.neuron_rule(profile, ml)
         if rule is None:
-            return DenseMLPStep(ml, dtype)
+            return MeteredStep(ml, dtype)
         if isinstance(rule, ReluRule):
             return ThresholdStep(ml, rule.tau, relu=True, dtype=dtype)
         if isinstance(rule, GateThresholdRule):
             return ThresholdStep(ml, rule.tau, dtype=dtype)
         if isinstance(rule, PromptTopKRule):
             return PromptStep(ml, rule, dtype)
-        if isinstance(rule, (SketchRule, PredictorRule, RouterRule)):
+        if isinstance(rule, SketchRule):
+            return SketchStep(ml, rule, dtype)
+        if isinstance(rule, (PredictorRule, RouterRule)):
             return IndexStep(ml, rule, dtype)
         raise MoyuError(f"method '{profile.method}' has no decode step")
     return make

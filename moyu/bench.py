@@ -1,0 +1,170 @@
+"""Decode speed, side by side in one run: HF ``generate``, moyu dense, moyu sparse (and llama.cpp).
+
+Variants are timed alternately, round after round, so a noisy machine slows all of them
+alike; the report gives medians and the ratios of medians. Each variant also gets its
+*roofline*: the weight bytes it must read per decoded token divided by the machine's
+measured memory bandwidth (a STREAM-style copy), and the share of that limit it reaches.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def memory_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of ``repeats``."""
+    src = torch.ones(mb * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform string)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    from .kernels import backend_name
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "kernel_backend": backend_name(), "python": platform.python_version()}
+
+
+@dataclass
+class Variant:
+    """One way of generating: ``run()`` returns (new tokens, seconds incl. prefill, decode-only seconds)."""
+
+    name: str
+    run: Callable[[], tuple[int, float, float | None]]
+    bytes_per_token: Callable[[], float]
+    memory_bytes: int
+    tok_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+
+    def summary(self, bandwidth: float) -> dict[str, Any]:
+        """Medians, roofline and its share."""
+        med = statistics.median(self.tok_s)
+        dec = statistics.median(self.decode_tok_s) if self.decode_tok_s else None
+        roof = bandwidth / self.bytes_per_token()
+        return {"tok_s": round(med, 2), "decode_tok_s": None if dec is None else round(dec, 2),
+                "runs": [round(v, 2) for v in self.tok_s],
+                "bytes_per_token": int(self.bytes_per_token()), "roofline_tok_s": round(roof, 2),
+                "roofline_share": round((dec or med) / roof, 3), "memory_bytes": self.memory_bytes}
+
+
+def _hf_variant(model: nn.Module, ids: torch.Tensor, new: int, tok) -> Variant:
+    def run():
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+        return out.shape[1] - ids.shape[0], time.perf_counter() - t0, None
+    params = sum(p.nbytes for p in model.parameters())
+    return Variant("hf_dense", run, lambda: params, params)
+
+
+def _lean_variant(name: str, lean, ids: torch.Tensor, new: int, mlp_bytes: Callable[[], float]) -> Variant:
+    def run():
+        lean.reset()
+        toks, t = lean.generate(ids, new)
+        return len(toks), t.prefill_s + t.decode_s, t.decode_s / max(len(toks) - 1, 1)
+    mlp_total = sum(L.mlp.packed.nbytes for L in lean.spec.layers)
+    other = lean.nbytes - mlp_total
+    return Variant(name, run, lambda: other + mlp_bytes(), lean.nbytes + lean.cache_nbytes)
+
+
+def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> Variant | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=ids.shape[0] + new + 8, verbose=False)
+    size = os.path.getsize(gguf)
+
+    def run():
+        t0 = time.perf_counter()
+        llm.reset()
+        n = 0
+        for _ in llm.generate([int(i) for i in ids], temp=0.0):
+            n += 1
+            if n >= new:
+                break
+        return n, time.perf_counter() - t0, None
+    return Variant("llamacpp_q4", run, lambda: size, size)
+
+
+def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None = None,
+          new_tokens: int = 128, runs: int = 5, dtype: torch.dtype = torch.float32,
+          gguf: str | None = None, include_hf: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Time HF dense, moyu dense and (with ``profile``) moyu sparse decode alternately.
+
+    Returns medians, ratios (``speedup_vs_dense`` = moyu sparse / moyu dense,
+    ``speedup_vs_hf`` = moyu sparse / HF dense), roofline shares, memory, environment.
+    """
+    from tqdm import tqdm
+
+    from .methods.steps import mlp_factory
+    from .runtime import LeanModel
+
+    ids = prompt_ids.reshape(-1)
+    max_seq = ids.shape[0] + new_tokens + 8
+    dense = LeanModel.from_hf(model, dtype=dtype, max_seq=max_seq)
+    variants = []
+    if include_hf:
+        variants.append(_hf_variant(model, ids, new_tokens, tok))
+    dense_mlp = sum(L.mlp.packed.nbytes for L in dense.spec.layers)
+    variants.append(_lean_variant("moyu_dense", dense, ids, new_tokens, lambda: dense_mlp))
+    sparse = None
+    if profile is not None:
+        sparse = LeanModel.from_hf(model, mlp_factory=mlp_factory(model, profile, dtype), dtype=dtype,
+                                   max_seq=max_seq)
+        variants.append(_lean_variant(
+            "moyu_sparse", sparse, ids, new_tokens,
+            lambda: sum(L.mlp.bytes_per_token() for L in sparse.spec.layers)))
+    if gguf:
+        peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
+        if peer is not None:
+            variants.append(peer)
+    for v in variants:       # warm-up: caches, kernel build, allocator
+        v.run()
+    for _ in tqdm(range(runs), desc="bench", disable=not progress, leave=False):
+        for v in variants:
+            n, secs, per_tok = v.run()
+            v.tok_s.append(n / secs)
+            if per_tok is not None:
+                v.decode_tok_s.append(1.0 / per_tok)
+    bw = memory_bandwidth()
+    out: dict[str, Any] = {"prompt_tokens": int(ids.shape[0]), "new_tokens": new_tokens, "runs": runs,
+                           "dtype": str(dtype).replace("torch.", ""),
+                           "bandwidth_gb_s": round(bw / 1e9, 2), "environment": environment()}
+    for v in variants:
+        out[v.name] = v.summary(bw)
+    if sparse is not None:
+        s, d = out["moyu_sparse"]["tok_s"], out["moyu_dense"]["tok_s"]
+        out["speedup_vs_dense"] = round(s / d, 3)
+        if include_hf:
+            out["speedup_vs_hf"] = round(s / out["hf_dense"]["tok_s"], 3)
+        out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.spec.layers), 4)
+        out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.spec.layers), 4)
+        out["memory_ratio"] = round(out["moyu_sparse"]["memory_bytes"] / out["moyu_dense"]["memory_bytes"], 3)
+    if include_hf:
+        out["dense_vs_hf"] = round(out["moyu_dense"]["tok_s"] / out["hf_dense"]["tok_s"], 3)
+    return out
