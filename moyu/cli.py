@@ -57,11 +57,21 @@ def load_model(args: argparse.Namespace):
     return load(args.model, dtype=getattr(torch, args.dtype), verbose=not getattr(args, "json", False))
 
 
+def check_text_args(args: argparse.Namespace) -> None:
+    """Fail fast on a bad ``--tokens`` or unreadable/empty ``--text`` before a model loads."""
+    from . import data
+    if getattr(args, "tokens", None) is not None and args.tokens < 2:
+        raise MoyuError(f"--tokens must be >= 2, got {args.tokens}")
+    if getattr(args, "text", None):
+        data.read_text_file(args.text)
+    if getattr(args, "calib_text", None):
+        data.read_text_file(args.calib_text)
+
+
 def eval_tokens(args: argparse.Namespace, tok):
     """Token ids of the text chosen by ``--text``/``--dataset`` (default: eval corpus)."""
     from . import data
-    if args.tokens is not None and args.tokens < 2:
-        raise MoyuError(f"--tokens must be >= 2, got {args.tokens}")
+    check_text_args(args)
     return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset)
 
 
@@ -126,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.method:
         get_method(args.method)
         check_sparsity(args.sparsity)
+    check_text_args(args)
     model, tok = load_model(args)
     ids = eval_tokens(args, tok)
     out: dict = {"model": args.model}

@@ -88,19 +88,24 @@ class DenseReference:
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
-        self._store: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self._store: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._bytes = 0
 
     def get(self, model: nn.Module, ids: torch.Tensor, start: int, w: Windows) -> torch.Tensor:
-        """Dense scored logits of the window at ``start``."""
-        key = (id(ids), start, w.prompt, w.scored)
+        """Dense scored logits of the window at ``start``.
+
+        Keyed by the model object and the window's token ids themselves (compared on a
+        hit), so another text or model never receives stale logits.
+        """
+        window = ids[start: start + w.prompt + w.scored]
+        key = (id(model), w.prompt, w.scored, hash(tuple(window[:16].tolist())))
         hit = self._store.get(key)
-        if hit is not None:
-            return hit
-        logits = _scored_logits(model, ids[start: start + w.prompt + w.scored], w)
+        if hit is not None and torch.equal(hit[0], window):
+            return hit[1]
+        logits = _scored_logits(model, window, w)
         nbytes = logits.numel() * logits.element_size()
-        if self._bytes + nbytes <= self.max_bytes:
-            self._store[key] = logits
+        if key not in self._store and self._bytes + nbytes <= self.max_bytes:
+            self._store[key] = (window.clone(), logits)
             self._bytes += nbytes
         return logits
 

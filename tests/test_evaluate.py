@@ -151,6 +151,20 @@ def test_changing_modifier_is_measured_against_unchanged_dense(tiny):
     assert "windows" not in d and "extra" not in d
 
 
+def test_dense_reference_never_serves_another_text_or_model(tiny):
+    ref = DenseReference()
+    model, other = tiny("llama"), tiny("qwen2")
+    a, b = _ids(120), _ids(120) + 1
+    mod = HalveMLP(model)
+    first = evaluate(model, a, W, modifier=mod, reference=ref)
+    shared = evaluate(model, b, W, modifier=mod, reference=ref)
+    alone = evaluate(model, b, W, modifier=mod)
+    assert first.dense_ppl != shared.dense_ppl
+    assert math.isclose(shared.dense_ppl, alone.dense_ppl, rel_tol=1e-6)
+    res = evaluate(other, a, W, modifier=HalveMLP(other), reference=ref)
+    assert math.isclose(res.dense_ppl, evaluate(other, a, W).ppl, rel_tol=1e-6)
+
+
 def test_modifier_leaves_prompt_positions_dense(tiny):
     """The scored logits depend on the modified positions only (prompt runs dense)."""
     model = tiny("llama")
