@@ -143,6 +143,7 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
         if peer is not None:
             variants.append(peer)
+    bw = memory_bandwidth()  # measured before and after; the larger is the machine's
     for v in variants:       # warm-up: caches, kernel build, allocator
         v.run()
     for _ in tqdm(range(runs), desc="bench", disable=not progress, leave=False):
@@ -151,7 +152,7 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
             v.tok_s.append(n / secs)
             if per_tok is not None:
                 v.decode_tok_s.append(1.0 / per_tok)
-    bw = memory_bandwidth()
+    bw = max(bw, memory_bandwidth())
     out: dict[str, Any] = {"prompt_tokens": int(ids.shape[0]), "new_tokens": new_tokens, "runs": runs,
                            "dtype": str(dtype).replace("torch.", ""),
                            "bandwidth_gb_s": round(bw / 1e9, 2), "environment": environment()}

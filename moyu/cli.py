@@ -243,38 +243,67 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tokens", type=int, default=2048 + 257, help="eval-corpus tokens for perplexity")
-    p.add_argument("--method", default="sketch", help="method shown at --sparsity (default sketch)")
+    p.add_argument("--method", default="sketch-reuse", help="method shown at --sparsity")
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--out", default="moyu-demo", metavar="DIR",
+                   help="where the MOYU report (report.html) is written")
 
 
-@command("demo", "the main job: generate, evaluate, sparsify, summarise (what `make demo` runs)")
+@command("demo", "the main job: diagnose, generate, evaluate, sparsify, decode faster (what `make demo` runs)")
 @options(_configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import data
+    from .analysis import analyze
     from .evaluate import DenseReference, Windows, evaluate
-    from .generate import generate
-    from .methods import calibrate, calibration_ids, sparsify
+    from .generate import chat_ids, generate
+    from .methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
+    from .methods.steps import mlp_factory
+    from .report import check_out, write_report
+    from .runtime import LeanModel
 
+    get_method(args.method)
+    check_sparsity(args.sparsity)
+    check_out(args.out)
     t0 = time.perf_counter()
     model, tok = load_model(args)
     print(f"== moyu demo: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters, {model.config.model_type}), loaded in {time.perf_counter() - t0:.1f} s")
-    gen = generate(model, tok, args.prompt, args.max_new_tokens)
-    print(f"\n> {args.prompt}\n{gen.text}\n({gen.new_tokens} tokens, {gen.tokens_per_s:.1f} tok/s "
-          "with HF generate)")
 
+    print("\n-- 1. diagnose: does this model over-activate? (moyu analyze)")
+    rep = analyze(model, tok)
+    for c in rep.claims:
+        print(f"  [{c['verdict']}] {c['claim']}\n      {c['measured']}")
+    out = write_report([rep], args.out)
+    print(f"  full report: {out / 'report.html'}")
+
+    print("\n-- 2. quality: dense vs dynamic activation on held-out text (moyu eval)")
     ids = data.tokens(tok, "eval", args.tokens)
     ref = DenseReference()
     res = evaluate(model, ids, Windows(), reference=ref, progress=True)
-    print(f"\ndense perplexity on the eval corpus: {res.ppl:.3f} ({res.tokens} scored tokens, "
-          f"{res.seconds:.1f} s)")
-
+    print(f"  dense perplexity: {res.ppl:.3f} ({res.tokens} scored tokens, {res.seconds:.1f} s)")
     prof = calibrate(model, calibration_ids(tok, 4096), method=args.method, sparsity=args.sparsity,
                      progress=True)
     sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
-    print(f"{args.method} at {args.sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
+    print(f"  {args.method} at {args.sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
           f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "
           f"KL {sp.kl:.4f}, top-1 agreement {sp.top1_agree:.3f}")
+
+    print(f"\n-- 3. speed: greedy decode at batch 1 of the answer to: {args.prompt!r}")
+    gen = generate(model, tok, args.prompt, args.max_new_tokens)
+    prompt = chat_ids(tok, args.prompt)
+    runs = [("HF generate, dense", gen.text, gen.tokens_per_s)]
+    for name, factory in (("moyu dense", None), (f"moyu {args.method} {args.sparsity:.0%}", mlp_factory(model, prof))):
+        lean = LeanModel.from_hf(model, mlp_factory=factory, max_seq=prompt.shape[0] + args.max_new_tokens + 8)
+        lean.generate(prompt, 8)                       # warm-up
+        lean.reset()
+        toks, timing = lean.generate(prompt, args.max_new_tokens, eos_token_id=tok.eos_token_id)
+        runs.append((name, tok.decode(toks, skip_special_tokens=True).strip(), timing.tok_s))
+        del lean
+    for name, text, rate in runs:
+        print(f"  [{name}: {rate:.1f} tok/s]\n  {text}\n")
+    print(f"  moyu dense is {runs[1][2] / runs[0][2]:.2f}x HF generate; {args.method} is "
+          f"{runs[2][2] / runs[1][2]:.2f}x moyu dense and {runs[2][2] / runs[0][2]:.2f}x HF "
+          "(one run each; `moyu bench` gives medians of alternating runs)")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -296,13 +325,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from . import data
     from .bench import bench
-    from .methods import check_sparsity, get_method
+    from .methods import check_sparsity
+    from .methods.steps import check_decodable
     from .models import BUILTINS, builtin_gguf
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.method:
-        get_method(args.method)
         check_sparsity(args.sparsity)
+        check_decodable(args.method, args.sparsity)
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
     args.prompt_len, args.scored_len = 256, 256

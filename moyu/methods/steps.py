@@ -150,16 +150,22 @@ class PromptStep(MeteredStep):
         return self.sliced.nbytes if self.sliced is not None else self.packed.nbytes
 
 
+def check_decodable(method_name: str, sparsity: float = 0.5) -> None:
+    """One-line MoyuError if ``method_name`` has no decode path in the lean runtime."""
+    method = get_method(method_name)
+    if method.granularity == "input":
+        raise MoyuError(f"method '{method_name}' sparsifies linear inputs; its decode path is "
+                        "not in the lean runtime yet (evaluate it with `moyu eval`)")
+    if method_name == "oracle" and sparsity > 0:
+        raise MoyuError("oracle computes every neuron to pick the best: it is the quality "
+                        "ceiling and has no speed path; bench another method")
+
+
 def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32
                 ) -> Callable[[MLPLayer], MeteredStep]:
     """``MLPLayer -> step`` for the runtime, built from the same rules evaluation uses."""
     method = get_method(profile.method)
-    if method.granularity == "input":
-        raise MoyuError(f"method '{profile.method}' sparsifies linear inputs; its decode path is "
-                        "not in the lean runtime yet (evaluate it with `moyu eval`)")
-    if profile.method == "oracle" and profile.target.get("sparsity", 0) > 0:
-        raise MoyuError("oracle computes every neuron to pick the best: it is the quality "
-                        "ceiling and has no speed path; bench another method")
+    check_decodable(profile.method, profile.target.get("sparsity", 0) or 0)
     profile.check_model(model)
 
     def make(ml: MLPLayer) -> MeteredStep:

@@ -1,0 +1,45 @@
+"""moyu bench: side-by-side timing, ratios, roofline and metering on a tiny model."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moyu.bench import bench, memory_bandwidth
+from moyu.evaluate import Windows
+from moyu.methods import calibrate
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_memory_bandwidth_is_plausible():
+    bw = memory_bandwidth(mb=32, repeats=2)
+    assert 1e8 < bw < 1e13
+
+
+@pytest.mark.parametrize("method", ["sketch-reuse", "cats", "griffin"])
+def test_bench_reports_ratios_roofline_and_measured_sparsity(tiny, one_thread, method):
+    model = tiny("llama")
+    prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=Windows(prompt=12, scored=12))
+    res = bench(model, SimpleNamespace(pad_token_id=0), prof, _ids(12, 2), new_tokens=6, runs=2,
+                progress=False)
+    for name in ("hf_dense", "moyu_dense", "moyu_sparse"):
+        r = res[name]
+        assert len(r["runs"]) == 2 and r["tok_s"] > 0 and r["roofline_tok_s"] > 0
+        assert 0 < r["roofline_share"] and r["memory_bytes"] > 0
+    # ratios are the ratios of the medians printed beside them
+    assert res["speedup_vs_dense"] == pytest.approx(res["moyu_sparse"]["tok_s"] / res["moyu_dense"]["tok_s"], rel=1e-2)
+    assert res["speedup_vs_hf"] == pytest.approx(res["moyu_sparse"]["tok_s"] / res["hf_dense"]["tok_s"], rel=1e-2)
+    # sparsity is what decode computed, not the target; skipped neurons mean fewer bytes
+    assert 0.2 < res["sparsity"] < 0.8
+    assert res["moyu_sparse"]["bytes_per_token"] < res["moyu_dense"]["bytes_per_token"]
+    assert res["environment"]["kernel_backend"] in ("cpp", "torch")
+
+
+def test_bench_dense_only(tiny, one_thread):
+    res = bench(tiny("gpt2"), SimpleNamespace(pad_token_id=0), None, _ids(8), new_tokens=4, runs=1,
+                progress=False)
+    assert "moyu_sparse" not in res and res["dense_vs_hf"] > 0
