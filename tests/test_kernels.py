@@ -464,3 +464,13 @@ def test_untrusted_library_is_detected(tmp_path):
     assert _build._trusted(tmp_path)
     so.write_bytes(b"\x7fELF truncated differently")
     assert not _build._trusted(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(576,), (7, 64), (3, 4, 33)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_matches_torch(backend, shape, with_weight):
+    from moyu.kernels import rms_norm
+    x = torch.randn(*shape) * 5
+    w = torch.randn(shape[-1]) if with_weight else None
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6),
+                               atol=1e-5, rtol=1e-5)

@@ -167,3 +167,8 @@ def sketch_mlp(x: Tensor, codes: Tensor, scales: Tensor, sk_bias: Tensor | None,
         else:
             ys.append(sparse_mlp(row, w_in, w_dt, b_in, b_down, keep, act))
     return _finish(torch.stack(ys), x, out), kept
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Fallback of the C++ ``rms_norm``."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)

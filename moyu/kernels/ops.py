@@ -129,3 +129,9 @@ def sketch_mlp(x: Tensor, codes: Tensor, scales: Tensor, sk_bias: Tensor | None,
     impl = _impl or _backend()
     return impl.sketch_mlp(x, codes, scales, sk_bias, down_norm, float(tau), packed.w_in,
                            packed.w_down_t, packed.b_in, packed.b_down, packed.act_id, bool(reuse), out)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm over the last dimension of float32 ``x`` (a plain loop: no dispatch cost)."""
+    impl = _impl or _backend()
+    return impl.rms_norm(x, weight, float(eps))
