@@ -290,7 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"\n-- 3. speed: greedy decode at batch 1 of the answer to: {args.prompt!r}")
     gen = generate(model, tok, args.prompt, args.max_new_tokens)
-    prompt = chat_ids(tok, args.prompt)
+    prompt = chat_ids(tok, args.prompt).reshape(-1)
     runs = [("HF generate, dense", gen.text, gen.tokens_per_s)]
     for name, factory in (("moyu dense", None), (f"moyu {args.method} {args.sparsity:.0%}", mlp_factory(model, prof))):
         lean = LeanModel.from_hf(model, mlp_factory=factory, max_seq=prompt.shape[0] + args.max_new_tokens + 8)

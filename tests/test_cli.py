@@ -172,3 +172,18 @@ def test_in_process_error_is_one_line(capsys, tmp_path):
     assert cli.main(["eval", "--model", str(tmp_path / "absent.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("moyu: error: ")
+
+
+def test_demo_runs_end_to_end_on_a_tiny_gguf(inputs, tiny_gguf, capsys, monkeypatch, tmp_path):
+    """Every section of the demo (report, quality, dense vs sparse decode) on a tiny model."""
+    capsys.readouterr()   # the real cache: it holds the text corpus that set-up fetched
+    rc = cli.main(["demo", "--model", str(tiny_gguf), "--tokens", "1100", "--max-new-tokens", "6",
+                   "--out", str(tmp_path / "demo")])
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc == 0, cap.err[-2000:]
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 0
+    assert "dense perplexity" in out and "sketch-reuse at 50% target" in out
+    for name in ("HF generate, dense", "moyu dense", "moyu sketch-reuse 50%"):
+        assert f"[{name}:" in out
+    assert "x moyu dense" in out
