@@ -82,14 +82,23 @@ def _hf_variant(model: nn.Module, ids: torch.Tensor, new: int, tok) -> Variant:
     return Variant("hf_dense", run, lambda: params, params)
 
 
-def _lean_variant(name: str, lean, ids: torch.Tensor, new: int, mlp_bytes: Callable[[], float]) -> Variant:
+def _metered(lean) -> list:
+    """The runtime's steps that report their own bytes read per token (sparse ones)."""
+    parts = []
+    for L in lean.spec.layers:
+        parts += [p for p in (L.mlp, *L.qkv, L.o) if hasattr(p, "bytes_per_token")]
+    return parts
+
+
+def _lean_variant(name: str, lean, ids: torch.Tensor, new: int) -> Variant:
     def run():
         lean.reset()
         toks, t = lean.generate(ids, new)
         return len(toks), t.prefill_s + t.decode_s, t.decode_s / max(len(toks) - 1, 1)
-    mlp_total = sum(L.mlp.packed.nbytes for L in lean.spec.layers)
-    other = lean.nbytes - mlp_total
-    return Variant(name, run, lambda: other + mlp_bytes(), lean.nbytes + lean.cache_nbytes)
+    parts = _metered(lean)
+    static = lean.nbytes - sum(p.nbytes for p in parts)
+    return Variant(name, run, lambda: static + sum(p.bytes_per_token() for p in parts),
+                   lean.nbytes + lean.cache_nbytes)
 
 
 def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> Variant | None:
@@ -121,24 +130,19 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
     """
     from tqdm import tqdm
 
-    from .methods.steps import mlp_factory
-    from .runtime import LeanModel
+    from .methods.steps import lean_model
 
     ids = prompt_ids.reshape(-1)
     max_seq = ids.shape[0] + new_tokens + 8
-    dense = LeanModel.from_hf(model, dtype=dtype, max_seq=max_seq)
+    dense = lean_model(model, None, dtype, max_seq)
     variants = []
     if include_hf:
         variants.append(_hf_variant(model, ids, new_tokens, tok))
-    dense_mlp = sum(L.mlp.packed.nbytes for L in dense.spec.layers)
-    variants.append(_lean_variant("moyu_dense", dense, ids, new_tokens, lambda: dense_mlp))
+    variants.append(_lean_variant("moyu_dense", dense, ids, new_tokens))
     sparse = None
     if profile is not None:
-        sparse = LeanModel.from_hf(model, mlp_factory=mlp_factory(model, profile, dtype), dtype=dtype,
-                                   max_seq=max_seq)
-        variants.append(_lean_variant(
-            "moyu_sparse", sparse, ids, new_tokens,
-            lambda: sum(L.mlp.bytes_per_token() for L in sparse.spec.layers)))
+        sparse = lean_model(model, profile, dtype, max_seq)
+        variants.append(_lean_variant("moyu_sparse", sparse, ids, new_tokens))
     if gguf:
         peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
         if peer is not None:
@@ -163,6 +167,7 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         out["speedup_vs_dense"] = round(s / d, 3)
         if include_hf:
             out["speedup_vs_hf"] = round(s / out["hf_dense"]["tok_s"], 3)
+        # neuron methods: share of MLP neurons not computed; TEAL/WINA: share of MLP weights not read
         out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.spec.layers), 4)
         out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.spec.layers), 4)
         out["memory_ratio"] = round(out["moyu_sparse"]["memory_bytes"] / out["moyu_dense"]["memory_bytes"], 3)

@@ -257,12 +257,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import DenseReference, Windows, evaluate
     from .generate import chat_ids, generate
     from .methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
-    from .methods.steps import mlp_factory
+    from .methods.steps import check_decodable, lean_model
     from .report import check_out, write_report
-    from .runtime import LeanModel
 
-    get_method(args.method)
     check_sparsity(args.sparsity)
+    check_decodable(args.method, args.sparsity)
     check_out(args.out)
     t0 = time.perf_counter()
     model, tok = load_model(args)
@@ -292,8 +291,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gen = generate(model, tok, args.prompt, args.max_new_tokens)
     prompt = chat_ids(tok, args.prompt).reshape(-1)
     runs = [("HF generate, dense", gen.text, gen.tokens_per_s)]
-    for name, factory in (("moyu dense", None), (f"moyu {args.method} {args.sparsity:.0%}", mlp_factory(model, prof))):
-        lean = LeanModel.from_hf(model, mlp_factory=factory, max_seq=prompt.shape[0] + args.max_new_tokens + 8)
+    for name, pr in (("moyu dense", None), (f"moyu {args.method} {args.sparsity:.0%}", prof)):
+        lean = lean_model(model, pr, max_seq=prompt.shape[0] + args.max_new_tokens + 8)
         lean.generate(prompt, 8)                       # warm-up
         lean.reset()
         toks, timing = lean.generate(prompt, args.max_new_tokens, eos_token_id=tok.eos_token_id)

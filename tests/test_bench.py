@@ -20,7 +20,7 @@ def test_memory_bandwidth_is_plausible():
     assert 1e8 < bw < 1e13
 
 
-@pytest.mark.parametrize("method", ["sketch-reuse", "cats", "griffin"])
+@pytest.mark.parametrize("method", ["sketch-reuse", "cats", "griffin", "teal"])
 def test_bench_reports_ratios_roofline_and_measured_sparsity(tiny, one_thread, method):
     model = tiny("llama")
     prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=Windows(prompt=12, scored=12))

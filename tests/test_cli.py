@@ -62,7 +62,6 @@ BAD = {
     "short text": (["eval", "--model", "{gguf}", "--text", "{root}/short.txt", *TINY_WINDOWS],
                    "too short"),
     "bad tokens": (["eval", "--model", "{gguf}", "--tokens", "1"], "--tokens"),
-    "bench input method": (["bench", "--model", "{gguf}", "--method", "teal"], "linear inputs"),
     "bench oracle": (["bench", "--model", "{gguf}", "--method", "oracle"], "ceiling"),
     "bench runs": (["bench", "--model", "{gguf}", "--runs", "0"], "--runs"),
     "bench sparsity": (["bench", "--model", "{gguf}", "--method", "sketch", "--sparsity", "1"], "sparsity"),

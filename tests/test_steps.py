@@ -9,7 +9,7 @@ from moyu.arch import mlp_layers
 from moyu.evaluate import Windows
 from moyu.methods import calibrate
 from moyu.methods.base import LayerInputs
-from moyu.methods.steps import mlp_factory
+from moyu.methods.steps import lean_model, mlp_factory
 from moyu.tiny import tiny_model
 
 W = Windows(prompt=12, scored=12)
@@ -77,16 +77,16 @@ def test_step_matches_masked_reference(arch, method):
             assert torch.allclose(y, _reference(ml, x, keep), atol=1e-4)
 
 
-def test_oracle_and_input_methods_have_no_decode_step():
+def test_oracle_has_no_decode_step():
     model = tiny_model("llama")
-    for method in ("oracle", "teal"):
-        prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
-        with pytest.raises(MoyuError):
-            mlp_factory(model, prof)
+    prof = calibrate(model, _ids(600, 1), method="oracle", sparsity=0.5, windows=W)
+    with pytest.raises(MoyuError, match="ceiling"):
+        mlp_factory(model, prof)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("method", ["cats", "sketch", "sketch-reuse", "griffin", "tda", "dejavu", "moe"])
+@pytest.mark.parametrize("method", ["cats", "sketch", "sketch-reuse", "griffin", "tda", "dejavu", "moe",
+                                    "teal", "wina"])
 def test_runtime_logits_equal_evaluation_path(arch, method):
     """One truth: the lean runtime with a profile gives the logits the evaluation hooks give."""
     from moyu.methods import sparsify
@@ -103,8 +103,11 @@ def test_runtime_logits_equal_evaluation_path(arch, method):
     with torch.inference_mode(), sp:
         sp.begin(p)
         hooked = model(ids[None]).logits[0]
-    lean = LeanModel.from_hf(model, mlp_factory=mlp_factory(model, prof), max_seq=64)
+    lean = lean_model(model, prof, max_seq=64)
     ran = lean.logits(ids, n_prefill=p)
     assert torch.allclose(ran, hooked, atol=2e-4), (ran - hooked).abs().max()
+    if method in ("teal", "wina"):   # input sparsity: fewer weight columns read, attention too
+        assert all(L.mlp.kept_share < 1 and L.o.kept_share < 1 for L in lean.spec.layers)
+        return
     kept = lean.kept()
     assert sum(kept) < len(kept) * mlp_layers(model)[0].d_ff

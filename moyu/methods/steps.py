@@ -16,12 +16,13 @@ from torch import nn
 
 from ..arch import MLPLayer
 from ..errors import MoyuError
-from ..kernels import PackedMLP, sketch_mlp, sparse_mlp, sparse_mlp_threshold
+from ..kernels import (PackedMLP, input_sparse_linear, pack_linear, sketch_mlp, sparse_mlp,
+                       sparse_mlp_threshold)
 from ..kernels.packing import activation_id
-from ..runtime.steps import DenseMLPStep
+from ..runtime.steps import DenseMLPStep, activation_fn, activation_kind
 from ..profile import Profile
 from . import get_method
-from .base import LayerInputs, NeuronRule
+from .base import InputRule, LayerInputs, NeuronRule
 from .learned import PredictorRule, RouterRule
 from .native import SketchRule
 from .sequence import PromptTopKRule
@@ -150,12 +151,102 @@ class PromptStep(MeteredStep):
         return self.sliced.nbytes if self.sliced is not None else self.packed.nbytes
 
 
+class InputLinearStep:
+    """TEAL / WINA on one linear: a decoded token reads only the columns of kept input
+    channels (``|x_j| * scale_j > tau``, the rule's own test); prompts run dense."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tau: float,
+                 scale: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+        self.packed = pack_linear(weight, bias, dtype)
+        self.tau = float(tau)
+        self.scale = None if scale is None else scale.detach().float().contiguous()
+        self.out_features = weight.shape[0]
+        self.kept_sum = self.calls = 0
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """Kept input channels of one token."""
+        score = x.abs() if self.scale is None else x.abs() * self.scale
+        return (score > self.tau).nonzero().squeeze(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 or self.tau < 0:
+            if x.dim() == 1:
+                return input_sparse_linear(x, self.packed)
+            y = x @ self.packed.wt.float()
+            return y if self.packed.b is None else y + self.packed.b
+        idx = self.keep(x)
+        self.kept_sum += idx.numel()
+        self.calls += 1
+        return input_sparse_linear(x, self.packed, idx)
+
+    @property
+    def kept_share(self) -> float:
+        """Mean share of input channels (= weight columns) read per decoded token."""
+        return self.kept_sum / (self.calls * self.packed.in_features) if self.calls else 1.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.packed.nbytes
+
+    def bytes_per_token(self) -> float:
+        """Mean weight bytes read per decoded token."""
+        return self.kept_share * self.packed.nbytes
+
+
+class InputMLPStep:
+    """TEAL / WINA on the MLP: gate/up read only the kept input channels of ``x``, down
+    only those of ``a``. ``kept_share`` is the share of MLP weights read."""
+
+    def __init__(self, ml: MLPLayer, rule: InputRule, dtype: torch.dtype = torch.float32):
+        rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
+        bias = None
+        if any(b is not None for b in ([ml.b_gate, ml.b_up] if ml.gated else [ml.b_up])):
+            bias = torch.cat([torch.zeros(ml.d_ff) if b is None else b.detach().float()
+                              for b in ([ml.b_gate, ml.b_up] if ml.gated else [ml.b_up])])
+        sc = rule.scales
+        self.inp = InputLinearStep(torch.cat([r.detach() for r in rows]), bias, rule.thresholds["mlp"],
+                                   sc.get("mlp"), dtype)
+        self.down = InputLinearStep(ml.w_down, ml.b_down, rule.thresholds["down"], sc.get("down"), dtype)
+        self.act = activation_fn(activation_kind(ml.act))
+        self.gated, self.d_ff = ml.gated, ml.d_ff
+        self.kept = ml.d_ff
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.gated:
+            g, u = h.split(self.d_ff, dim=-1)
+            a = self.act(g) * u
+        else:
+            a = self.act(h)
+        return self.down(a.contiguous())
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense MLP over the prompt."""
+        return self._mlp(x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token with input sparsity on both projections."""
+        return self._mlp(x)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.inp.nbytes + self.down.nbytes
+
+    @property
+    def kept_share(self) -> float:
+        """Mean share of the MLP's weights read per decoded token."""
+        return self.bytes_per_token() / self.nbytes
+
+    def bytes_per_token(self) -> float:
+        """Mean weight bytes read per decoded token."""
+        return self.inp.bytes_per_token() + self.down.bytes_per_token()
+
+
 def check_decodable(method_name: str, sparsity: float = 0.5) -> None:
     """One-line MoyuError if ``method_name`` has no decode path in the lean runtime."""
-    method = get_method(method_name)
-    if method.granularity == "input":
-        raise MoyuError(f"method '{method_name}' sparsifies linear inputs; its decode path is "
-                        "not in the lean runtime yet (evaluate it with `moyu eval`)")
+    get_method(method_name)
     if method_name == "oracle" and sparsity > 0:
         raise MoyuError("oracle computes every neuron to pick the best: it is the quality "
                         "ceiling and has no speed path; bench another method")
@@ -168,7 +259,10 @@ def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.f
     check_decodable(profile.method, profile.target.get("sparsity", 0) or 0)
     profile.check_model(model)
 
-    def make(ml: MLPLayer) -> MeteredStep:
+    def make(ml: MLPLayer) -> MeteredStep | InputMLPStep:
+        if method.granularity == "input":
+            irule = method.input_rule(profile, ml)
+            return MeteredStep(ml, dtype) if irule is None else InputMLPStep(ml, irule, dtype)
         rule = method.neuron_rule(profile, ml)
         if rule is None:
             return MeteredStep(ml, dtype)
@@ -184,3 +278,37 @@ def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.f
             return IndexStep(ml, rule, dtype)
         raise MoyuError(f"method '{profile.method}' has no decode step")
     return make
+
+
+def linear_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32):
+    """The runtime's ``linear_factory`` for input-sparsity methods (TEAL / WINA), else None.
+
+    Attention projections get an :class:`InputLinearStep` with the layer's ``attn`` (q, k,
+    v) or ``o`` threshold; the lm_head and everything else stay dense.
+    """
+    method = get_method(profile.method)
+    if method.granularity != "input":
+        return None
+    profile.check_model(model)
+    from ..arch import mlp_layers
+    from ..runtime.steps import DenseLinear
+    rules = [method.input_rule(profile, ml) for ml in mlp_layers(model)]
+
+    def make(index: int, role: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        rule = rules[index]
+        if rule is None or role not in ("q", "k", "v", "qkv", "o"):
+            return DenseLinear(weight, bias, dtype)
+        group = "o" if role == "o" else "attn"
+        return InputLinearStep(weight, bias, rule.thresholds[group], rule.scales.get(group), dtype)
+    return make
+
+
+def lean_model(model: nn.Module, profile: Profile | None, dtype: torch.dtype = torch.float32,
+               max_seq: int = 2048):
+    """A :class:`~moyu.runtime.LeanModel` running ``profile`` (dense when None)."""
+    from ..runtime import LeanModel
+    if profile is None:
+        return LeanModel.from_hf(model, dtype=dtype, max_seq=max_seq)
+    return LeanModel.from_hf(model, mlp_factory=mlp_factory(model, profile, dtype),
+                             linear_factory=linear_factory(model, profile, dtype), dtype=dtype,
+                             max_seq=max_seq)
