@@ -73,7 +73,7 @@ def test_sparsity_changes_output_prompt_stays_dense(models, arch, method):
     assert torch.equal(_logits(model, ids), dense)
 
 
-@pytest.mark.parametrize("method", ["cats", "griffin", "tda", "sketch", "teal", "moe"])
+@pytest.mark.parametrize("method", ["cats", "griffin", "tda", "sketch", "sketch-reuse", "teal", "moe"])
 def test_batch_rows_match_single_runs(models, method):
     model = models["llama"]
     prof = calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W)
