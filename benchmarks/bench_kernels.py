@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moyu.kernels import (PackedLinear, PackedMLP, backend_name, input_sparse_linear,  # noqa: E402
                           pack_linear, pack_mlp, sparse_mlp, sparse_mlp_threshold)
 from moyu.kernels import _torch_impl  # noqa: E402
+from moyu.bench import cpu_name  # noqa: E402
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.3, 0.25, 0.1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,17 +56,6 @@ class Row:
     kept: float
     us: float
     bytes_read: int
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(methods: dict, n_layers: int, calls: int, rounds: int) -> dict:
@@ -212,7 +201,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | CPU {cpu_model()} "
+    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | CPU {cpu_name()} "
           f"| backend {backend_name()} | dtype {args.dtype} | d {args.d} d_ff {args.d_ff}")
     print(f"{args.layers} weight copies cycled (not cache-resident); best of {args.rounds} "
           f"interleaved rounds of the median of {args.calls} calls; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,18 +19,8 @@ import time
 import torch
 
 import moyu
+from moyu.bench import cpu_name
 from moyu.runtime import LeanModel
-
-
-def cpu_name() -> str:
-    """CPU model string from /proc/cpuinfo (or the platform's guess)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prompt_ids(n: int) -> torch.Tensor:

@@ -256,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .evaluate import DenseReference, Windows, evaluate
     from .generate import chat_ids, generate
-    from .methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
+    from .methods import calibrate, calibration_ids, check_sparsity, sparsify
     from .methods.steps import check_decodable, lean_model
     from .report import check_out, write_report
 

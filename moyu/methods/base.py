@@ -20,7 +20,7 @@ are decode steps (sparse), which is what ``model.generate`` does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
