@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from moyu.analysis import AnalyzeConfig, Report, analyze, claims
-from moyu.analysis.common import kcount
 from moyu.analysis.inertia import griffin_scores
 from moyu.analysis.overactivation import _LayerAcc
 from moyu.errors import MoyuError

@@ -2,7 +2,6 @@
 raw activations, histogram quantiles within bin resolution, and raw span capture."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -90,7 +90,6 @@ def test_oracle_has_no_decode_step():
 def test_runtime_logits_equal_evaluation_path(arch, method):
     """One truth: the lean runtime with a profile gives the logits the evaluation hooks give."""
     from moyu.methods import sparsify
-    from moyu.runtime import LeanModel
 
     model = tiny_model(arch)
     try:
