@@ -1,0 +1,38 @@
+"""One Markdown table from several ``moyu sweep`` outputs: perplexity change vs dense per
+method and target sparsity, models side by side (what docs/methods.md shows).
+
+    python benchmarks/summarize_sweeps.py docs/results/smollm2-135m docs/results/gemma3-270m
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(dirs: list[str]) -> int:
+    sweeps = {}
+    for d in dirs:
+        meta = json.loads((Path(d) / "sweep.json").read_text())
+        sweeps[meta["model"]] = {(r["method"], r["target"]): r for r in meta["rows"]}
+    models = list(sweeps)
+    targets = sorted({t for rows in sweeps.values() for _, t in rows})
+    methods = list(dict.fromkeys(m for rows in sweeps.values() for m, _ in rows))
+    head = ["method"] + [f"{m} @ {t:.0%}" for m in models for t in targets]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for meth in methods:
+        cells = [meth]
+        for m in models:
+            for t in targets:
+                r = sweeps[m].get((meth, t))
+                cells.append("-" if r is None else
+                             f"{100 * (r['ppl_ratio'] - 1):+.1f} % ({r['sparsity']:.2f})")
+        print("| " + " | ".join(cells) + " |")
+    dense = ", ".join(f"{m} {next(iter(rows.values()))['dense_ppl']:.2f}" for m, rows in sweeps.items())
+    print(f"\nperplexity change vs dense (achieved sparsity); dense perplexity: {dense}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
