@@ -43,3 +43,17 @@ def test_bench_dense_only(tiny, one_thread):
     res = bench(tiny("gpt2"), SimpleNamespace(pad_token_id=0), None, _ids(8), new_tokens=4, runs=1,
                 progress=False)
     assert "moyu_sparse" not in res and res["dense_vs_hf"] > 0
+
+
+def test_bytes_per_token_counts_every_tensor_once(tiny, one_thread):
+    """Before any decode call every step reports reading all it holds, so a variant's bytes
+    per token equal the runtime's bytes held: nothing missed, nothing counted twice."""
+    from moyu.bench import _lean_variant
+    from moyu.methods.steps import lean_model
+    model = tiny("llama")
+    for method in ("sketch", "dejavu", "cats", "griffin"):
+        prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5,
+                         windows=Windows(prompt=12, scored=12))
+        lean = lean_model(model, prof, max_seq=32)
+        v = _lean_variant("x", lean, _ids(8), 2)
+        assert v.bytes_per_token() == pytest.approx(lean.nbytes, rel=1e-6), method

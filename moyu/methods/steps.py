@@ -63,6 +63,11 @@ class IndexStep(MeteredStep):
         self.ml, self.rule = ml, rule
         self.selector_bytes = _nbytes(*(getattr(rule, n, None) for n in ("a", "b", "w", "bias")))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the packed MLP and the predictor."""
+        return self.packed.nbytes + self.selector_bytes
+
     def bytes_per_token(self) -> float:
         return self.kept_share * self.packed.nbytes + self.selector_bytes
 
@@ -114,6 +119,11 @@ class SketchStep(MeteredStep):
         y, kept = sketch_mlp(x, *self._args, self.packed, self.rule.reuse, self._out)
         self.count(int(kept))
         return y
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the packed MLP and the int8 sketch."""
+        return self.packed.nbytes + self.rule.sketch.nbytes
 
     def bytes_per_token(self) -> float:
         p = self.packed
