@@ -56,7 +56,7 @@ class Variant:
     name: str
     run: Callable[[], tuple[int, float, float | None]]
     bytes_per_token: Callable[[], float]
-    memory_bytes: int
+    memory: Callable[[], int]   # bytes held after the runs (sequence methods' slices included)
     tok_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
 
@@ -68,7 +68,7 @@ class Variant:
         return {"tok_s": round(med, 2), "decode_tok_s": None if dec is None else round(dec, 2),
                 "runs": [round(v, 2) for v in self.tok_s],
                 "bytes_per_token": int(self.bytes_per_token()), "roofline_tok_s": round(roof, 2),
-                "roofline_share": round((dec or med) / roof, 3), "memory_bytes": self.memory_bytes}
+                "roofline_share": round((dec or med) / roof, 3), "memory_bytes": int(self.memory())}
 
 
 def _hf_variant(model: nn.Module, ids: torch.Tensor, new: int, tok) -> Variant:
@@ -79,7 +79,7 @@ def _hf_variant(model: nn.Module, ids: torch.Tensor, new: int, tok) -> Variant:
                                  max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         return out.shape[1] - ids.shape[0], time.perf_counter() - t0, None
     params = sum(p.nbytes for p in model.parameters())
-    return Variant("hf_dense", run, lambda: params, params)
+    return Variant("hf_dense", run, lambda: params, lambda: params)
 
 
 def _metered(lean) -> list:
@@ -98,7 +98,7 @@ def _lean_variant(name: str, lean, ids: torch.Tensor, new: int) -> Variant:
     parts = _metered(lean)
     static = lean.nbytes - sum(p.nbytes for p in parts)
     return Variant(name, run, lambda: static + sum(p.bytes_per_token() for p in parts),
-                   lean.nbytes + lean.cache_nbytes)
+                   lambda: lean.nbytes + lean.cache_nbytes)
 
 
 def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> Variant | None:
@@ -117,7 +117,7 @@ def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> V
             if n >= new:
                 break
         return n, time.perf_counter() - t0, None
-    return Variant("llamacpp_q4", run, lambda: size, size)
+    return Variant("llamacpp_q4", run, lambda: size, lambda: size)
 
 
 def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None = None,
