@@ -3,7 +3,8 @@
 Variants are timed alternately, round after round, so a noisy machine slows all of them
 alike; the report gives medians and the ratios of medians. Each variant also gets its
 *roofline*: the weight bytes it must read per decoded token divided by the machine's
-measured memory bandwidth (a STREAM-style copy), and the share of that limit it reaches.
+measured memory bandwidth (a STREAM-style copy, timed between the rounds), and the share
+of that limit it reaches.
 """
 from __future__ import annotations
 
@@ -147,7 +148,10 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
         if peer is not None:
             variants.append(peer)
-    bw = memory_bandwidth()  # measured before and after; the larger is the machine's
+    # The bandwidth of a shared machine drifts (measured 29-55 GB/s here within minutes),
+    # so it is measured once per round, between the variants, and the median is used:
+    # each variant's roofline share then relates its median speed to the typical bandwidth.
+    bws = [memory_bandwidth(repeats=3)]
     for v in variants:       # warm-up: caches, kernel build, allocator
         v.run()
     for _ in tqdm(range(runs), desc="bench", disable=not progress, leave=False):
@@ -156,10 +160,12 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
             v.tok_s.append(n / secs)
             if per_tok is not None:
                 v.decode_tok_s.append(1.0 / per_tok)
-    bw = max(bw, memory_bandwidth())
+        bws.append(memory_bandwidth(repeats=3))
+    bw = statistics.median(bws)
     out: dict[str, Any] = {"prompt_tokens": int(ids.shape[0]), "new_tokens": new_tokens, "runs": runs,
                            "dtype": str(dtype).replace("torch.", ""),
-                           "bandwidth_gb_s": round(bw / 1e9, 2), "environment": environment()}
+                           "bandwidth_gb_s": round(bw / 1e9, 2),
+                           "bandwidth_runs_gb_s": [round(b / 1e9, 1) for b in bws], "environment": environment()}
     for v in variants:
         out[v.name] = v.summary(bw)
     if sparse is not None:

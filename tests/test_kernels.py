@@ -474,3 +474,58 @@ def test_rms_norm_matches_torch(backend, shape, with_weight):
     w = torch.randn(shape[-1]) if with_weight else None
     torch.testing.assert_close(rms_norm(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6),
                                atol=1e-5, rtol=1e-5)
+
+
+def _attn_reference(q, k, v, k_hist, v_hist, cos, sin, scale, softcap):
+    """Naive per-head loop: rotate q and k, append k/v to the history, softmax(q.K) V."""
+    def rot(x):
+        if cos is None:
+            return x.clone()
+        half, y = cos.numel(), x.clone()
+        x1, x2 = x[..., :half], x[..., half:2 * half]
+        y[..., :half], y[..., half:2 * half] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return y
+    n_kv, hd = k_hist.shape[0], k_hist.shape[2]
+    heads = q.numel() // hd
+    qh, kh = rot(q.view(heads, hd)), rot(k.view(n_kv, hd))
+    keys = torch.cat([k_hist, kh[:, None]], 1)
+    vals = torch.cat([v_hist, v.view(n_kv, 1, hd)], 1)
+    outs = []
+    for h in range(heads):
+        j = h // (heads // n_kv)
+        s = keys[j] @ (qh[h] * scale)
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        outs.append(torch.softmax(s, 0) @ vals[j])
+    return torch.cat(outs), kh
+
+
+@pytest.mark.parametrize("heads,n_kv,hd,half,lo,softcap", [
+    (9, 3, 64, 32, 0, 0.0),    # SmolLM2: GQA, full rotary
+    (4, 1, 32, 8, 3, 50.0),    # partial rotary, sliding window, softcapped scores
+    (2, 2, 16, 0, 0, 0.0),     # no rotary (learned positions), one position only at pos 0
+])
+def test_attn_decode_matches_reference(backend, heads, n_kv, hd, half, lo, softcap):
+    from moyu.kernels import attn_decode
+    torch.manual_seed(3)
+    S, pos = 12, 7 if half or lo else 0
+    kc, vc = torch.randn(n_kv, S, hd), torch.randn(n_kv, S, hd)
+    k_hist, v_hist = kc[:, lo:pos].clone(), vc[:, lo:pos].clone()
+    q, k, v = torch.randn(heads * hd), torch.randn(n_kv * hd), torch.randn(n_kv * hd)
+    ang = torch.rand(half) * 6
+    cos, sin = (ang.cos(), ang.sin()) if half else (None, None)
+    q0, k0 = q.clone(), k.clone()
+    out = attn_decode(q, k, v, kc, vc, pos, lo, cos, sin, hd ** -0.5, softcap)
+    want, k_rot = _attn_reference(q, k, v, k_hist, v_hist, cos, sin, hd ** -0.5, softcap)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc[:, pos], k_rot, atol=1e-6, rtol=1e-6)   # cache row written
+    torch.testing.assert_close(vc[:, pos], v.view(n_kv, hd))
+    assert torch.equal(q, q0) and torch.equal(k, k0)                      # inputs untouched
+
+
+def test_attn_decode_rejects_bad_shapes(backend):
+    from moyu.kernels import attn_decode
+    kc = torch.zeros(2, 4, 8)
+    with pytest.raises((RuntimeError, ValueError)):
+        attn_decode(torch.zeros(16), torch.zeros(16), torch.zeros(16), kc, kc.clone(), 4, 0,
+                    None, None, 1.0)  # pos beyond the cache

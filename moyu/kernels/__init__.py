@@ -7,12 +7,12 @@ skipped neurons (or input channels). Pack the weights once (:func:`pack_mlp`,
 is built on first use into ``$MOYU_CACHE/kernels``; without a compiler a PyTorch fallback
 with the same semantics is used (``MOYU_KERNELS=torch|cpp`` forces either).
 """
-from .ops import (backend_name, dense_mlp, input_sparse_linear, rms_norm, sketch_act, sketch_mlp,
+from .ops import (attn_decode, backend_name, dense_mlp, input_sparse_linear, rms_norm, sketch_act, sketch_mlp,
                   sparse_mlp, sparse_mlp_threshold)
 from .packing import ACTIVATIONS, PackedLinear, PackedMLP, pack_linear, pack_mlp
 
 __all__ = [
-    "ACTIVATIONS", "PackedLinear", "PackedMLP", "backend_name", "dense_mlp",
+    "ACTIVATIONS", "PackedLinear", "attn_decode", "PackedMLP", "backend_name", "dense_mlp",
     "input_sparse_linear", "pack_linear", "pack_mlp", "rms_norm", "sketch_act", "sketch_mlp", "sparse_mlp",
     "sparse_mlp_threshold",
 ]

@@ -135,3 +135,26 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """RMSNorm over the last dimension of float32 ``x`` (a plain loop: no dispatch cost)."""
     impl = _impl or _backend()
     return impl.rms_norm(x, weight, float(eps))
+
+
+def attn_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                lo: int, cos: Tensor | None, sin: Tensor | None, scale: float,
+                softcap: float = 0.0) -> Tensor:
+    """Causal attention of one new position, with the KV-cache write and RoPE fused in.
+
+    Args:
+        q: ``[H * hd]``; k, v: ``[Hkv * hd]`` (float32, contiguous; not modified).
+        k_cache, v_cache: the layer's ``[Hkv, S, hd]`` cache; row ``pos`` receives the
+            rotated ``k`` and ``v``.
+        pos: position of the new token; ``lo``: first cached position attended to
+            (sliding windows), ``0 <= lo <= pos``.
+        cos, sin: ``[half]`` RoPE tables at ``pos`` (rotate-half over the first
+            ``2 * half`` dims of each head), or None for no rotation.
+        scale: multiplies ``q``; ``softcap`` > 0 caps scores as ``c * tanh(s / c)``.
+
+    Returns:
+        ``[H * hd]`` float32; head ``h`` attends with kv head ``h // (H / Hkv)``.
+    """
+    impl = _impl or _backend()
+    return impl.attn_decode(q, k, v, k_cache, v_cache, int(pos), int(lo), cos, sin,
+                            float(scale), float(softcap))

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MoyuError
+from ..kernels import attn_decode
+from ..kernels._torch_impl import rope_
 from .convert import LeanLayer, LeanSpec, build_spec
 from .steps import (DenseLinear, LinearFactory, MLPFactory, check_dtype, dense_linear_factory,
                     dense_mlp_factory)
@@ -34,20 +36,11 @@ class Timings:
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
-# The attention core at batch 1 is microseconds of work, but bmm and softmax still enter an
-# OpenMP parallel region; with 2 threads on a busy 2-core machine each region can wait
-# milliseconds for a descheduled thread (measured: bmm + softmax + bmm 48 ms at 2 threads
-# vs 29 us at 1). So the core runs on one thread; set_num_threads costs ~0.3 us.
-_ONE_THREAD_BELOW = 1 << 22   # prefill scores elements (T * T * heads) still run on one thread
-
-
-def _rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """Rotary embedding in place on ``x [..., hd]`` (rotate-half pairing, first ``2*len(cos)`` dims)."""
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half:2 * half]
-    t = x1 * sin
-    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
-    x2.mul_(cos).add_(t)
+# Prefill attention of a short prompt is microseconds of work per op, but bmm and softmax
+# still enter an OpenMP parallel region; with 2 threads on a busy 2-core machine each
+# region can wait milliseconds for a descheduled thread. Below this many score elements
+# (T * T * heads) prefill attention runs on one thread; set_num_threads costs ~0.3 us.
+_ONE_THREAD_BELOW = 1 << 22
 
 
 def _tensors(obj, depth: int = 0):
@@ -83,6 +76,10 @@ class LeanModel:
         shape = (len(s.layers), s.n_kv, max_seq, s.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
+        # per-layer views and per-position RoPE rows, made once: indexing a tensor costs
+        # ~1.5 us of dispatch, and decode would otherwise do it 4x per layer per token
+        self._kv = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
+        self._rope_rows = [list(zip(c.unbind(0), s_.unbind(0))) for c, s_ in zip(spec.rope_cos, spec.rope_sin)]
         self.pos = 0
 
     @classmethod
@@ -194,31 +191,24 @@ class LeanModel:
             if isinstance(pos, slice):
                 cos, sin = cos[:, None], sin[:, None]
             if L.q_norm is None:  # q and k are adjacent in qkv: rotate both at once
-                _rope_(qkv[..., :qn + kn].view(*lead, s.n_heads + s.n_kv, s.head_dim), cos, sin)
+                rope_(qkv[..., :qn + kn].view(*lead, s.n_heads + s.n_kv, s.head_dim), cos, sin)
             else:
-                _rope_(q, cos, sin)
-                _rope_(k, cos, sin)
+                rope_(q, cos, sin)
+                rope_(k, cos, sin)
         return q, k, v
 
     def _attn_decode(self, li: int, L: LeanLayer, x: Tensor, pos: int) -> Tensor:
-        s = self.spec
-        q, k, v = self._split_rope(L, self._qkv(L, x), pos)
-        kc, vc = self.k_cache[li], self.v_cache[li]
-        kc[:, pos] = k
-        vc[:, pos] = v
+        s, qn, kn = self.spec, self.qn, self.kn
+        qkv = self._qkv(L, x)
+        q, k, v = qkv[:qn], qkv[qn:qn + kn], qkv[qn + kn:]
+        if L.q_norm is not None:
+            q = L.q_norm(q.view(s.n_heads, s.head_dim)).reshape(-1)
+            k = L.k_norm(k.view(s.n_kv, s.head_dim)).reshape(-1)
+        cos, sin = self._rope_rows[L.rope][pos] if L.rope >= 0 else (None, None)
         lo = max(0, pos - L.window + 1) if L.window else 0
-        qg = (q * L.scale).view(s.n_kv, self.group, s.head_dim)
-        threads = self._threads
-        if threads > 1:  # see _SMALL_OPS_ONE_THREAD
-            torch.set_num_threads(1)
-        scores = torch.bmm(qg, kc[:, lo:pos + 1].transpose(1, 2))
-        if L.softcap:
-            scores = torch.tanh(scores / L.softcap) * L.softcap
-        p = torch.softmax(scores, dim=-1)
-        out = torch.bmm(p, vc[:, lo:pos + 1])
-        if threads > 1:
-            torch.set_num_threads(threads)
-        return L.o(out.view(self.qn))
+        kc, vc = self._kv[li]
+        out = attn_decode(q, k, v, kc, vc, pos, lo, cos, sin, L.scale, L.softcap or 0.0)
+        return L.o(out)
 
     def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
         s, T = self.spec, x.shape[0]
@@ -292,7 +282,6 @@ class LeanModel:
     def decode_step(self, token_id: int | Tensor) -> Tensor:
         """Append one token at the current position; its next-token logits ``[vocab]``."""
         self._check_room(1)
-        self._threads = torch.get_num_threads()
         pos = self.pos
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
         for li, L in enumerate(self.spec.layers):
