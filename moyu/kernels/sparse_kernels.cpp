@@ -856,29 +856,41 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   float* op = out.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const int64_t n = pos - lo + 1;
-  std::vector<float> qs(hd), p(n);
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t j = h / group;
-    rope(qp + h * hd, qs.data(), sc);
+  // The query heads that share a kv head are scored together, so each cached k row is
+  // loaded once per group; v rows are summed kGroup positions at a time.
+  std::vector<float> qs(group * hd), p(group * n);
+  const float* rows[kGroup];
+  float s[kGroup];
+  for (int64_t j = 0; j < n_kv; ++j) {
+    for (int64_t g = 0; g < group; ++g) rope(qp + (j * group + g) * hd, qs.data() + g * hd, sc);
     const float* kr = kcp + (j * S + lo) * hd;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      float s;
-      dot_group<1>(&kr, qs.data(), hd, &s);
-      kr += hd;
-      if (cap > 0.0f) s = std::tanh(s / cap) * cap;
-      p[t] = s;
-      mx = std::max(mx, s);
+    for (int64_t g0 = 0; g0 < group; g0 += kGroup) {
+      const int gn = static_cast<int>(std::min<int64_t>(kGroup, group - g0));
+      for (int g = 0; g < gn; ++g) rows[g] = qs.data() + (g0 + g) * hd;
+      for (int64_t t = 0; t < n; ++t) {
+        dot_n(gn, rows, kr + t * hd, hd, s);
+        for (int g = 0; g < gn; ++g) p[(g0 + g) * n + t] = s[g];
+      }
     }
-    float sum = 0.0f;
-    for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
-    const float inv = 1.0f / sum;
-    float* o = op + h * hd;
     const float* vr = vcp + (j * S + lo) * hd;
-    for (int64_t t = 0; t < n; ++t, vr += hd) {
-      const float w = p[t] * inv;
-      for (int64_t i = 0; i < hd; ++i) o[i] += w * vr[i];
+    for (int64_t g = 0; g < group; ++g) {
+      float* pg = p.data() + g * n;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        if (cap > 0.0f) pg[t] = std::tanh(pg[t] / cap) * cap;
+        mx = std::max(mx, pg[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) sum += (pg[t] = std::exp(pg[t] - mx));
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < n; ++t) pg[t] *= inv;
+      float* o = op + (j * group + g) * hd;
+      for (int64_t t0 = 0; t0 < n; t0 += kGroup) {
+        const int tn = static_cast<int>(std::min<int64_t>(kGroup, n - t0));
+        for (int i = 0; i < tn; ++i) rows[i] = vr + (t0 + i) * hd;
+        axpy_n(tn, pg + t0, rows, o, hd);
+      }
     }
   }
   return out;
