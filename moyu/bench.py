@@ -177,6 +177,8 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.spec.layers), 4)
         out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.spec.layers), 4)
         out["memory_ratio"] = round(out["moyu_sparse"]["memory_bytes"] / out["moyu_dense"]["memory_bytes"], 3)
+    if sparse is not None and "llamacpp_q4" in out:  # the moonshot: sparse fp32 vs llama.cpp's q4 dense
+        out["speedup_vs_llamacpp"] = round(out["moyu_sparse"]["tok_s"] / out["llamacpp_q4"]["tok_s"], 3)
     if include_hf:
         out["dense_vs_hf"] = round(out["moyu_dense"]["tok_s"] / out["hf_dense"]["tok_s"], 3)
     return out

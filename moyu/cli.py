@@ -355,7 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             r = res[name]
             print(f"  {name:<12} {r['tok_s']:7.2f} tok/s   roofline {r['roofline_tok_s']:7.1f} tok/s "
                   f"({100 * r['roofline_share']:.0f} % reached)   {r['memory_bytes'] / 1e6:.0f} MB")
-    for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "sparsity"):
+    for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "speedup_vs_llamacpp", "sparsity"):
         if k in res:
             print(f"  {k}: {res[k]}")
     return 0
