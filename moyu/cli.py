@@ -349,12 +349,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}, batch 1, {res['environment']['threads']} threads, {res['dtype']}, prompt "
           f"{res['prompt_tokens']}, {res['new_tokens']} new tokens, median of {args.runs}; memory "
-          f"bandwidth {res['bandwidth_gb_s']} GB/s")
+          f"bandwidth {res['bandwidth_gb_s']} GB/s (copy), {res['read_bandwidth_gb_s']} GB/s (read)")
     for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp_q4"):
         if name in res:
             r = res[name]
             print(f"  {name:<12} {r['tok_s']:7.2f} tok/s   roofline {r['roofline_tok_s']:7.1f} tok/s "
-                  f"({100 * r['roofline_share']:.0f} % reached)   {r['memory_bytes'] / 1e6:.0f} MB")
+                  f"({100 * r['roofline_share']:.0f} % reached; {100 * r['read_roofline_share']:.0f} % of "
+                  f"read bandwidth)   {r['memory_bytes'] / 1e6:.0f} MB")
     for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "speedup_vs_llamacpp", "sparsity"):
         if k in res:
             print(f"  {k}: {res[k]}")

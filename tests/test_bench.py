@@ -15,9 +15,15 @@ def _ids(n, seed=0):
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_memory_bandwidth_is_plausible():
-    bw = memory_bandwidth(mb=32, repeats=2)
+@pytest.mark.parametrize("kind", ["copy", "read"])
+def test_memory_bandwidth_is_plausible(kind):
+    bw = memory_bandwidth(mb=32, repeats=2, kind=kind)
     assert 1e8 < bw < 1e13
+
+
+def test_memory_bandwidth_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown bandwidth kind"):
+        memory_bandwidth(mb=1, repeats=1, kind="write")
 
 
 @pytest.mark.parametrize("method", ["sketch-reuse", "cats", "griffin", "teal"])
@@ -30,6 +36,7 @@ def test_bench_reports_ratios_roofline_and_measured_sparsity(tiny, one_thread, m
         r = res[name]
         assert len(r["runs"]) == 2 and r["tok_s"] > 0 and r["roofline_tok_s"] > 0
         assert 0 < r["roofline_share"] and r["memory_bytes"] > 0
+        assert r["read_roofline_share"] > 0
     # ratios are the ratios of the medians printed beside them
     assert res["speedup_vs_dense"] == pytest.approx(res["moyu_sparse"]["tok_s"] / res["moyu_dense"]["tok_s"], rel=1e-2)
     assert res["speedup_vs_hf"] == pytest.approx(res["moyu_sparse"]["tok_s"] / res["hf_dense"]["tok_s"], rel=1e-2)
