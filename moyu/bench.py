@@ -160,7 +160,7 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
         if peer is not None:
             variants.append(peer)
-    # The bandwidth of a shared machine drifts (measured 29-55 GB/s here within minutes),
+    # The bandwidth of a shared machine drifts (single copies measured 25-56 GB/s here within minutes),
     # so it is measured once per round, between the variants, and the median is used:
     # each variant's roofline share then relates its median speed to the typical bandwidth.
     bws, reads = [memory_bandwidth(repeats=3)], [memory_bandwidth(repeats=3, kind="read")]
