@@ -185,3 +185,28 @@ def test_demo_runs_end_to_end_on_a_tiny_gguf(inputs, tiny_gguf, capsys, monkeypa
     for name in ("HF generate, dense", "moyu dense", "moyu sketch-reuse 50%"):
         assert f"[{name}:" in out
     assert "x moyu dense" in out
+
+
+def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
+    """calibrate (with a CETT budget) writes a profile that eval --profile uses; eval --json
+    carries the documented keys; sweep writes its four files."""
+    root, _ = inputs
+    gguf, prose = str(tiny_gguf), str(root / "prose.txt")
+    common = ["--model", gguf, *TINY_WINDOWS]
+    prof = tmp_path / "cats.moyu"
+    assert cli.main(["calibrate", *common, "--method", "cats", "--cett", "0.2", "--calib-text", prose,
+                     "--calib-tokens", "600", "--out", str(prof)]) == 0
+    assert prof.stat().st_size > 0 and not list(tmp_path.glob("*.tmp*"))
+    capsys.readouterr()
+    assert cli.main(["eval", *common, "--text", prose, "--tokens", "300", "--profile", str(prof), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("method", "target", "sparsity", "ppl", "dense_ppl", "kl", "top1_agree", "seconds", "tokens"):
+        assert key in res, key
+    assert res["method"] == "cats" and 0 < res["sparsity"] < 1 and res["kl"] > 0
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", *common, "--text", prose, "--tokens", "300", "--methods", "cats,sketch",
+                     "--sparsities", "0.3,0.6", "--calib-tokens", "600", "--out", str(out)]) == 0
+    for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert {(r["method"], r["target"]) for r in rows} >= {("cats", 0.3), ("sketch", 0.6)}

@@ -73,7 +73,8 @@ def test_sparsity_changes_output_prompt_stays_dense(models, arch, method):
     assert torch.equal(_logits(model, ids), dense)
 
 
-@pytest.mark.parametrize("method", ["cats", "griffin", "tda", "sketch", "sketch-reuse", "teal", "moe"])
+@pytest.mark.parametrize("method", ["oracle", "cats", "cett", "griffin", "tda", "sketch", "sketch-reuse",
+                                    "teal", "wina", "dejavu", "moe", "relu"])
 def test_batch_rows_match_single_runs(models, method):
     model = models["llama"]
     prof = calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W)
@@ -101,6 +102,28 @@ def test_generate_auto_mode_matches_protocol(models):
     assert torch.equal(teacher[15:-1].argmax(-1), full[16:])
 
 
+@pytest.mark.parametrize("method", ["cats", "teal", "griffin", "sketch", "dejavu"])
+def test_cett_budget_reaches_every_method_as_a_sparsity(models, method):
+    """--cett B with a method other than cett: the sparsity the cett method reaches at B."""
+    model = models["llama"]
+    ref = calibrate(model, _ids(400), method="cett", cett=0.2, windows=W)
+    prof = calibrate(model, _ids(400), method=method, cett=0.2, windows=W)
+    assert prof.target == {"cett": 0.2, "sparsity": ref.calib["sparsity"]}
+    assert 0.05 < prof.target["sparsity"] < 0.95
+    ids = _ids(40, seed=3)
+    assert not torch.allclose(_logits(model, ids, sparsify(model, prof)), _logits(model, ids), atol=1e-4)
+    zero = calibrate(model, _ids(400), method=method, cett=0.0, windows=W)   # no error allowed: dense
+    assert zero.target["sparsity"] == 0.0
+    assert torch.allclose(_logits(model, ids, sparsify(model, zero)), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_cett_budget_needs_text_and_a_valid_range(models):
+    with pytest.raises(MoyuError, match="CETT budget 1.5 is outside"):
+        calibrate(models["llama"], _ids(400), method="cats", cett=1.5, windows=W)
+    with pytest.raises(MoyuError, match="needs calibration text"):
+        calibrate(models["llama"], None, method="cats", cett=0.2, windows=W)
+
+
 def test_threshold_sparsity_hits_target_on_held_out(models):
     model = tiny_model("llama", layers=2)
     prof = calibrate(model, _ids(2000, seed=1), method="sketch", sparsity=0.5, windows=W,
@@ -122,6 +145,8 @@ def test_profile_roundtrip_and_refusals(models, tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(MoyuError, match="made for model"):
         sparsify(models["mistral"], back)
+    with pytest.raises(MoyuError, match="made for model"):   # same type and shapes, other weights
+        sparsify(tiny_model("llama", seed=1), back)
     bad = tmp_path / "bad.moyu"
     bad.write_bytes(path.read_bytes()[:100])
     with pytest.raises(MoyuError, match="not a valid moyu profile"):

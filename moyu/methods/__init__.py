@@ -50,19 +50,35 @@ def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
     """
     m = get_method(method)
     m.check(model)
-    if cett is not None:
-        if not 0.0 <= cett < 1.0:
-            raise MoyuError(f"CETT budget {cett} is outside [0, 1): pass e.g. 0.2")
-        target = {"cett": float(cett)}
-    else:
-        target = {"sparsity": check_sparsity(0.0 if sparsity is None else sparsity)}
+    if cett is not None and not 0.0 <= cett < 1.0:
+        raise MoyuError(f"CETT budget {cett} is outside [0, 1): pass e.g. 0.2")
     if isinstance(tok_or_ids, torch.Tensor):
         ids = tok_or_ids
     elif tok_or_ids is not None:
         ids = calibration_ids(tok_or_ids, tokens)
     else:
         ids = None
+    if cett is None:
+        target = {"sparsity": check_sparsity(0.0 if sparsity is None else sparsity)}
+    elif m.name == "cett":
+        target = {"cett": float(cett)}
+    else:
+        target = {"cett": float(cett), "sparsity": budget_sparsity(model, ids, cett, windows, progress)}
     return m.calibrate(model, ids, target, windows=windows, progress=progress, **params)
+
+
+def budget_sparsity(model: nn.Module, ids: torch.Tensor | None, cett: float,
+                    windows: Windows = Windows(), progress: bool = False) -> float:
+    """The average sparsity a CETT budget allows on the calibration text.
+
+    Every other method calibrates to a sparsity, so a budget ``--cett B`` reaches them as
+    the sparsity the ``cett`` method (per layer: drop neurons while the dropped part's CETT
+    stays <= B) achieves on the same text; both numbers are kept in the profile's target.
+    """
+    if ids is None:
+        raise MoyuError("a CETT budget needs calibration text: pass a tokenizer or token ids")
+    ref = METHODS["cett"].calibrate(model, ids, {"cett": float(cett)}, windows=windows, progress=progress)
+    return check_sparsity(min(ref.calib["sparsity"], 0.99))
 
 
 def sparsify(model: nn.Module, profile: Profile) -> Sparsifier:
