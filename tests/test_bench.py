@@ -44,8 +44,11 @@ def test_bench_reports_ratios_roofline_and_measured_sparsity(tiny, one_thread, m
     assert 0.2 < res["sparsity"] < 0.8
     assert res["moyu_sparse"]["bytes_per_token"] < res["moyu_dense"]["bytes_per_token"]
     assert res["environment"]["kernel_backend"] in ("cpp", "torch")
-    if method == "griffin":   # the slice made after prefill is held too, and counted
+    if method == "griffin":   # the slice made after prefill is held too, and counted; it is timed
         assert res["memory_ratio"] > 1.1
+        assert res["slice_seconds"] > 0
+    else:
+        assert res["slice_seconds"] == 0
 
 
 def test_bench_dense_only(tiny, one_thread):

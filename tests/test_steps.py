@@ -108,5 +108,15 @@ def test_runtime_logits_equal_evaluation_path(arch, method):
     if method in ("teal", "wina"):   # input sparsity: fewer weight columns read, attention too
         assert all(L.mlp.kept_share < 1 and L.o.kept_share < 1 for L in lean.spec.layers)
         return
-    kept = lean.kept()
-    assert sum(kept) < len(kept) * mlp_layers(model)[0].d_ff
+    # the same neurons: per layer, the kept counts summed over the decoded positions equal
+    # what the evaluation hooks counted over the same (sparse) positions
+    d_ff = mlp_layers(model)[0].d_ff
+    kept = torch.zeros(len(lean.spec.layers))
+    lean.prefill(ids[:p])
+    for t in ids[p:]:
+        lean.decode_step(int(t))
+        kept += torch.tensor(lean.kept(), dtype=torch.float)
+    runtime_sparsity = 1 - kept / ((len(ids) - p) * d_ff)
+    hooked_sparsity = torch.tensor(sp.measured()["sparsity_per_layer"])
+    assert torch.allclose(runtime_sparsity, hooked_sparsity, atol=1e-4), (runtime_sparsity, hooked_sparsity)
+    assert 0 < float(runtime_sparsity.mean()) < 1
