@@ -125,6 +125,11 @@ def test_errors_are_one_line():
     lean = LeanModel.from_hf(model, max_seq=8)
     with pytest.raises(MoyuError, match="max_seq"):
         lean.generate(_ids(6), 8)
+    other = tiny_model("llama")
+    other.config.model_type = "falcon"   # a type neither the table nor the runtime knows
+    with pytest.raises(MoyuError, match="'falcon'") as err:
+        LeanModel.from_hf(other)
+    assert "\n" not in str(err.value)
 
 
 def test_real_default_model_greedy_matches_hf():
