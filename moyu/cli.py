@@ -108,6 +108,30 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="FILE", help="use a saved profile instead of calibrating")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: built-in calib split)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. allocation=uniform for teal (repeatable; "
+                        "`moyu methods` lists each method's options)")
+
+
+_COMMON_OPTIONS = {"per_window": 64, "calib_windows": 16}   # calibration sampling, every method
+
+
+def method_options(method: str, pairs: list[str]) -> dict:
+    """``--option KEY=VALUE`` pairs as typed method parameters (typed like the defaults)."""
+    from .methods import get_method
+    known = {**_COMMON_OPTIONS, **get_method(method).defaults}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in known:
+            raise MoyuError(f"bad --option '{pair}': method '{method}' takes "
+                            f"{', '.join(f'{k}=...' for k in known)}")
+        kind = type(known[key])
+        try:
+            out[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError:
+            raise MoyuError(f"bad --option '{pair}': {key} must be a {kind.__name__}") from None
+    return out
 
 
 def make_profile(args: argparse.Namespace, model, tok):
@@ -116,9 +140,10 @@ def make_profile(args: argparse.Namespace, model, tok):
     from .profile import Profile
     if args.profile:
         return Profile.load(args.profile)
+    params = method_options(args.method, args.option)
     ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
     return calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
-                     windows=windows_from(args), progress=not getattr(args, "json", False))
+                     windows=windows_from(args), progress=not getattr(args, "json", False), **params)
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
@@ -167,12 +192,13 @@ def _configure_methods(p: argparse.ArgumentParser) -> None:
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
     rows = [{"name": m.name, "granularity": m.granularity, "needs_gate": m.needs_gate,
-             "summary": m.summary} for m in METHODS.values()]
+             "summary": m.summary, "options": {**_COMMON_OPTIONS, **m.defaults}} for m in METHODS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
             print(f"{r['name']:<8} {r['granularity']:<9} {r['summary']}")
+            print(f"{'':<18} options: {', '.join(f'{k}={v}' for k, v in r['options'].items())}")
     return 0
 
 

@@ -210,3 +210,12 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
         assert (out / name).stat().st_size > 0, name
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert {(r["method"], r["target"]) for r in rows} >= {("cats", 0.3), ("sketch", 0.6)}
+
+
+def test_method_options_are_typed_and_checked():
+    assert cli.method_options("teal", ["allocation=uniform", "per_window=8"]) == {
+        "allocation": "uniform", "per_window": 8}
+    with pytest.raises(cli.MoyuError, match="takes .*allocation="):
+        cli.method_options("teal", ["alloc=uniform"])
+    with pytest.raises(cli.MoyuError, match="per_window must be a int"):
+        cli.method_options("cats", ["per_window=many"])

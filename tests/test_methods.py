@@ -167,3 +167,15 @@ def test_bad_targets_and_methods(models):
         calibrate(model, _ids(), method="cats", sparsity=0.5, windows=W)
     with pytest.raises(MoyuError, match="too little calibration text"):
         calibrate(models["llama"], _ids(30), method="cats", sparsity=0.5, windows=W)
+
+
+def test_teal_uniform_allocation_gives_every_layer_the_target():
+    """TEAL's two allocations: uniform puts the target on every layer, greedy spreads it."""
+    model = tiny_model("llama", layers=3)
+    uni = calibrate(model, _ids(600), method="teal", sparsity=0.5, windows=W, allocation="uniform")
+    greedy = calibrate(model, _ids(600), method="teal", sparsity=0.5, windows=W)
+    assert uni.params["allocation"] == "uniform" and greedy.params["allocation"] == "greedy"
+    assert all(abs(s - 0.5) < 0.02 for s in uni.calib["sparsity_per_layer"])
+    assert abs(greedy.calib["sparsity"] - 0.5) < 0.02
+    ids = _ids(40, seed=3)
+    assert not torch.equal(_logits(model, ids, sparsify(model, uni)), _logits(model, ids, sparsify(model, greedy)))
