@@ -219,3 +219,10 @@ def test_method_options_are_typed_and_checked():
         cli.method_options("teal", ["alloc=uniform"])
     with pytest.raises(cli.MoyuError, match="per_window must be a int"):
         cli.method_options("cats", ["per_window=many"])
+
+
+def test_steady_allocator_applies_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert cli.steady_allocator() is True
