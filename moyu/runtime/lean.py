@@ -177,21 +177,19 @@ class LeanModel:
             out = out.clamp(-L.clip, L.clip)
         return out
 
-    def _split_rope(self, L: LeanLayer, qkv: Tensor, pos: slice | int) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[..., H, hd]``, k, v ``[..., Hkv, hd]`` with q/k norms and RoPE applied."""
-        s, qn, kn = self.spec, self.qn, self.kn
-        lead = qkv.shape[:-1]
-        q = qkv[..., :qn].view(*lead, s.n_heads, s.head_dim)
-        k = qkv[..., qn:qn + kn].view(*lead, s.n_kv, s.head_dim)
-        v = qkv[..., qn + kn:].view(*lead, s.n_kv, s.head_dim)
+    def _split_rope(self, L: LeanLayer, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt ``qkv [T, ...]`` from position 0 -> q ``[T, H, hd]``, k, v ``[T, Hkv, hd]``
+        with q/k norms and RoPE applied (decode does this inside ``attn_decode``)."""
+        s, qn, kn, T = self.spec, self.qn, self.kn, qkv.shape[0]
+        q = qkv[:, :qn].view(T, s.n_heads, s.head_dim)
+        k = qkv[:, qn:qn + kn].view(T, s.n_kv, s.head_dim)
+        v = qkv[:, qn + kn:].view(T, s.n_kv, s.head_dim)
         if L.q_norm is not None:
             q, k = L.q_norm(q), L.k_norm(k)
         if L.rope >= 0:
-            cos, sin = s.rope_cos[L.rope][pos], s.rope_sin[L.rope][pos]
-            if isinstance(pos, slice):
-                cos, sin = cos[:, None], sin[:, None]
+            cos, sin = s.rope_cos[L.rope][:T, None], s.rope_sin[L.rope][:T, None]
             if L.q_norm is None:  # q and k are adjacent in qkv: rotate both at once
-                rope_(qkv[..., :qn + kn].view(*lead, s.n_heads + s.n_kv, s.head_dim), cos, sin)
+                rope_(qkv[:, :qn + kn].view(T, s.n_heads + s.n_kv, s.head_dim), cos, sin)
             else:
                 rope_(q, cos, sin)
                 rope_(k, cos, sin)
@@ -212,7 +210,7 @@ class LeanModel:
 
     def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
         s, T = self.spec, x.shape[0]
-        q, k, v = self._split_rope(L, self._qkv(L, x), slice(0, T))
+        q, k, v = self._split_rope(L, self._qkv(L, x))
         kc, vc = self.k_cache[li], self.v_cache[li]
         kc[:, :T] = k.transpose(0, 1)
         vc[:, :T] = v.transpose(0, 1)
