@@ -71,7 +71,6 @@ def check_text_args(args: argparse.Namespace) -> None:
 def eval_tokens(args: argparse.Namespace, tok):
     """Token ids of the text chosen by ``--text``/``--dataset`` (default: eval corpus)."""
     from . import data
-    check_text_args(args)
     return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset)
 
 
@@ -113,13 +112,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "`moyu methods` lists each method's options)")
 
 
-_COMMON_OPTIONS = {"per_window": 64, "calib_windows": 16}   # calibration sampling, every method
-
-
 def method_options(method: str, pairs: list[str]) -> dict:
     """``--option KEY=VALUE`` pairs as typed method parameters (typed like the defaults)."""
     from .methods import get_method
-    known = {**_COMMON_OPTIONS, **get_method(method).defaults}
+    known = get_method(method).options
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -192,7 +188,7 @@ def _configure_methods(p: argparse.ArgumentParser) -> None:
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
     rows = [{"name": m.name, "granularity": m.granularity, "needs_gate": m.needs_gate,
-             "summary": m.summary, "options": {**_COMMON_OPTIONS, **m.defaults}} for m in METHODS.values()]
+             "summary": m.summary, "options": m.options} for m in METHODS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -252,6 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sparsities = [check_sparsity(float(s)) for s in args.sparsities.split(",")]
     except ValueError:
         raise MoyuError(f"--sparsities must be comma-separated numbers, got '{args.sparsities}'") from None
+    check_text_args(args)
     model, tok = load_model(args)
     rows = run_sweep(model, calibration_ids(tok, args.calib_tokens), eval_tokens(args, tok), methods,
                      sparsities, windows_from(args))

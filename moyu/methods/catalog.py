@@ -17,6 +17,11 @@ from .sequence import PromptThresholdRule, PromptTopKRule, griffin_stat
 from .token import GateThresholdRule, ReluRule, TopKRule, cett_of_mask, tau_for_cett
 
 
+# Calibration sampling shared by every method (a method's own defaults may override them):
+# scored positions sampled per window, and windows read.
+CALIB_DEFAULTS: dict[str, Any] = {"per_window": 64, "calib_windows": 16}
+
+
 class Method:
     """Base class: a method calibrates a :class:`Profile` and turns one into a :class:`Sparsifier`."""
 
@@ -27,6 +32,11 @@ class Method:
     streams: ClassVar[set[str]] = set()   # what calibration samples
     prompts: ClassVar[bool] = False       # calibration keeps prompt activations
     defaults: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every option ``calibrate`` accepts for this method, with its default."""
+        return {**CALIB_DEFAULTS, **self.defaults}
 
     def check(self, model: nn.Module) -> None:
         """Refuse, in one line, an architecture this method cannot apply to."""
@@ -39,15 +49,15 @@ class Method:
                   windows: Windows = Windows(), progress: bool = False, **params: Any) -> Profile:
         """Fit per-layer parameters on calibration ``ids`` for ``target``; returns a Profile."""
         self.check(model)
-        p = {**self.defaults, **params}
+        p = {**self.options, **params}
         prof = Profile(method=self.name, target=dict(target), params=p, model=fingerprint(model))
         layers = mlp_layers(model)
         samples = None
         if self.streams or self.prompts:
             if ids is None:
                 raise MoyuError(f"method '{self.name}' needs calibration text")
-            samples = C.collect(model, ids, windows, self.streams, per_window=p.get("per_window", 64),
-                                max_windows=p.get("calib_windows", 16), prompts=self.prompts,
+            samples = C.collect(model, ids, windows, self.streams, per_window=p["per_window"],
+                                max_windows=p["calib_windows"], prompts=self.prompts,
                                 progress=progress)
         achieved = self.fit(prof, layers, samples, target, p)
         prof.calib = {"sparsity_per_layer": [round(float(v), 4) for v in achieved],
