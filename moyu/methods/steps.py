@@ -19,7 +19,7 @@ from ..errors import MoyuError
 from ..kernels import (PackedMLP, input_sparse_linear, pack_linear, sketch_mlp, sparse_mlp,
                        sparse_mlp_threshold)
 from ..kernels.packing import activation_id
-from ..runtime.steps import DenseMLPStep, activation_fn, activation_kind
+from ..runtime.steps import DenseLinear, DenseMLPStep, activation_fn, activation_kind
 from ..profile import Profile
 from . import get_method
 from .base import InputRule, LayerInputs, NeuronRule
@@ -161,16 +161,15 @@ class PromptStep(MeteredStep):
         return self.sliced.nbytes if self.sliced is not None else self.packed.nbytes
 
 
-class InputLinearStep:
+class InputLinearStep(DenseLinear):
     """TEAL / WINA on one linear: a decoded token reads only the columns of kept input
     channels (``|x_j| * scale_j > tau``, the rule's own test); prompts run dense."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tau: float,
                  scale: torch.Tensor | None, dtype: torch.dtype = torch.float32):
-        self.packed = pack_linear(weight, bias, dtype)
+        super().__init__(weight, bias, dtype)
         self.tau = float(tau)
         self.scale = None if scale is None else scale.detach().float().contiguous()
-        self.out_features = weight.shape[0]
         self.kept_sum = self.calls = 0
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +179,7 @@ class InputLinearStep:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 or self.tau < 0:
-            if x.dim() == 1:
-                return input_sparse_linear(x, self.packed)
-            y = x @ self.packed.wt.float()
-            return y if self.packed.b is None else y + self.packed.b
+            return super().__call__(x)
         idx = self.keep(x)
         self.kept_sum += idx.numel()
         self.calls += 1
@@ -193,11 +189,6 @@ class InputLinearStep:
     def kept_share(self) -> float:
         """Mean share of input channels (= weight columns) read per decoded token."""
         return self.kept_sum / (self.calls * self.packed.in_features) if self.calls else 1.0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return self.packed.nbytes
 
     def bytes_per_token(self) -> float:
         """Mean weight bytes read per decoded token."""
@@ -210,10 +201,10 @@ class InputMLPStep:
 
     def __init__(self, ml: MLPLayer, rule: InputRule, dtype: torch.dtype = torch.float32):
         rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
+        biases = [ml.b_gate, ml.b_up] if ml.gated else [ml.b_up]
         bias = None
-        if any(b is not None for b in ([ml.b_gate, ml.b_up] if ml.gated else [ml.b_up])):
-            bias = torch.cat([torch.zeros(ml.d_ff) if b is None else b.detach().float()
-                              for b in ([ml.b_gate, ml.b_up] if ml.gated else [ml.b_up])])
+        if any(b is not None for b in biases):
+            bias = torch.cat([torch.zeros(ml.d_ff) if b is None else b.detach().float() for b in biases])
         sc = rule.scales
         self.inp = InputLinearStep(torch.cat([r.detach() for r in rows]), bias, rule.thresholds["mlp"],
                                    sc.get("mlp"), dtype)
@@ -301,7 +292,6 @@ def linear_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torc
         return None
     profile.check_model(model)
     from ..arch import mlp_layers
-    from ..runtime.steps import DenseLinear
     rules = [method.input_rule(profile, ml) for ml in mlp_layers(model)]
 
     def make(index: int, role: str, weight: torch.Tensor, bias: torch.Tensor | None):
