@@ -9,6 +9,9 @@ than converting the weights to fp32 per call), so bf16 results are bf16-accurate
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -183,6 +186,26 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     x2.mul_(cos).add_(t)
 
 
+@contextlib.contextmanager
+def one_thread(when: bool = True) -> Iterator[None]:
+    """Run the block on one intra-op thread (when ``when``), restoring the count after.
+
+    Attention at decode (and short-prompt prefill) sizes is microseconds of work per op,
+    but bmm and softmax still enter an OpenMP region; with 2 threads on a busy 2-core
+    machine each region can wait milliseconds for a descheduled thread (measured 48 ms vs
+    29 us per layer). set_num_threads costs ~0.3 us.
+    """
+    threads = torch.get_num_threads()
+    if not when or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def attn_decode(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, pos: int, lo: int,
                 cos: Tensor | None, sin: Tensor | None, scale: float, softcap: float) -> Tensor:
     """One decode position of attention (RoPE, cache write, softmax(q.K) V) with ATen ops."""
@@ -196,18 +219,9 @@ def attn_decode(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, pos: in
         rope_(k, cos, sin)
     kc[:, pos] = k
     vc[:, pos] = v.reshape(n_kv, hd)
-    # bmm and softmax enter an OpenMP region; with 2 threads on a busy 2-core machine each
-    # region can wait milliseconds for a descheduled thread (measured 48 ms vs 29 us per
-    # layer), so this microsecond-sized work runs on one thread.
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
+    with one_thread():
         scores = torch.bmm((q * scale).view(n_kv, heads // n_kv, hd), kc[:, lo:pos + 1].transpose(1, 2))
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         out = torch.bmm(torch.softmax(scores, dim=-1), vc[:, lo:pos + 1])
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
     return out.reshape(heads * hd)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import MoyuError
 from ..kernels import attn_decode
-from ..kernels._torch_impl import rope_
+from ..kernels._torch_impl import one_thread, rope_
 from .convert import LeanLayer, LeanSpec, build_spec
 from .steps import (DenseLinear, LinearFactory, MLPFactory, check_dtype, dense_linear_factory,
                     dense_mlp_factory)
@@ -36,10 +36,8 @@ class Timings:
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
-# Prefill attention of a short prompt is microseconds of work per op, but bmm and softmax
-# still enter an OpenMP parallel region; with 2 threads on a busy 2-core machine each
-# region can wait milliseconds for a descheduled thread. Below this many score elements
-# (T * T * heads) prefill attention runs on one thread; set_num_threads costs ~0.3 us.
+# Below this many score elements (T * T * heads) prefill attention runs on one thread
+# (see kernels._torch_impl.one_thread).
 _ONE_THREAD_BELOW = 1 << 22
 
 
@@ -215,22 +213,17 @@ class LeanModel:
         kc[:, :T] = k.transpose(0, 1)
         vc[:, :T] = v.transpose(0, 1)
         qh = (q * L.scale).view(T, s.n_kv, self.group, s.head_dim).permute(1, 2, 0, 3)
-        threads = self._threads
-        small = threads > 1 and T * T * s.n_heads < _ONE_THREAD_BELOW
-        if small:
-            torch.set_num_threads(1)
-        scores = qh @ kc[:, None, :T].transpose(-1, -2)           # [Hkv, G, T, T]
-        if L.softcap:
-            scores = torch.tanh(scores / L.softcap) * L.softcap
-        i = torch.arange(T)
-        dist = i[:, None] - i[None, :]
-        bad = dist < 0
-        if L.window:
-            bad |= dist >= L.window
-        scores = scores.masked_fill(bad, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ vc[:, None, :T]      # [Hkv, G, T, hd]
-        if small:
-            torch.set_num_threads(threads)
+        with one_thread(T * T * s.n_heads < _ONE_THREAD_BELOW):
+            scores = qh @ kc[:, None, :T].transpose(-1, -2)           # [Hkv, G, T, T]
+            if L.softcap:
+                scores = torch.tanh(scores / L.softcap) * L.softcap
+            i = torch.arange(T)
+            dist = i[:, None] - i[None, :]
+            bad = dist < 0
+            if L.window:
+                bad |= dist >= L.window
+            scores = scores.masked_fill(bad, float("-inf"))
+            out = torch.softmax(scores, dim=-1) @ vc[:, None, :T]      # [Hkv, G, T, hd]
         return L.o(out.permute(2, 0, 1, 3).reshape(T, self.qn))
 
     def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None) -> Tensor:
@@ -262,7 +255,6 @@ class LeanModel:
         ids = torch.as_tensor(ids).reshape(-1)
         self.pos = 0
         self._check_room(ids.shape[0])
-        self._threads = torch.get_num_threads()
         h = self._embed(ids, 0)
         for li, L in enumerate(self.spec.layers):
             h = self._layer(li, L, h, None)
