@@ -25,7 +25,7 @@ def memory_bandwidth(mb: int = 256, repeats: int = 5, kind: str = "copy") -> flo
 
     ``kind="copy"``: a STREAM-style copy, read + write counted. ``kind="read"``: a sum
     over the tensor, the access pattern of a GEMV (weights only read); on this project's
-    machine it reaches ~85 % of the copy figure.
+    machine it reached 83-99 % of the copy figure.
     """
     if kind not in ("copy", "read"):
         raise ValueError(f"unknown bandwidth kind '{kind}': use 'copy' or 'read'")
