@@ -444,8 +444,7 @@ def test_env_forces_backend(tmp_path):
 
 @needs_cpp
 def test_cached_build_is_quiet_and_survives_stale_lock():
-    tag, _ = _build._isa_flags()
-    build_dir = _build.cache_dir() / f"moyu_sparse_{tag}"
+    build_dir = _build.cache_dir() / _build.extension_name()
     (build_dir / "lock").touch()  # what a build killed mid-way leaves behind
     res = _run(_PROBE, MOYU_KERNELS="cpp")
     assert res.returncode == 0, res.stderr

@@ -16,6 +16,7 @@ an unrecorded one makes us wipe the build directory and rebuild.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -117,10 +118,17 @@ def _record(build_dir: Path, module: ModuleType) -> None:
         os.replace(tmp, build_dir / _MARKER)
 
 
+def extension_name() -> str:
+    """Build name: instruction set and source hash, so no build is shared by different
+    CPUs or different sources (two checkouts never rebuild over each other)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+    return f"moyu_sparse_{_isa_flags()[0]}_{digest}"
+
+
 def build_extension() -> ModuleType:
     """Compiles (or reuses the cached build of) the kernels and returns the module."""
-    tag, flags = _isa_flags()
-    name = f"moyu_sparse_{tag}"
+    _tag, flags = _isa_flags()
+    name = extension_name()
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir.parent / f"{name}.flock"):
