@@ -92,7 +92,7 @@ def make_layers(n: int, d: int, d_ff: int, dtype: torch.dtype) -> list[Layer]:
         x = torch.randn(d)
         gate_abs = F.silu(wg @ x).abs()
         layers.append(Layer(wg.to(dtype), wu.to(dtype), wd.to(dtype),
-                            pack_mlp(wu, wd, "silu", w_gate=wg, dtype=dtype), x, gate_abs))
+                            pack_mlp(wu, wd, "silu", w_gate=wg, fmt=dtype), x, gate_abs))
     return layers
 
 
@@ -153,7 +153,7 @@ def bench_linear(n: int, d_in: int, d_out: int, calls: int, rounds: int,
     """input_sparse_linear by idx and by tau vs F.linear, all fractions interleaved."""
     esz = torch.finfo(dtype).bits // 8
     ws = [(torch.randn(d_out, d_in) / d_in ** 0.5) for _ in range(n)]
-    packed: list[PackedLinear] = [pack_linear(w, dtype=dtype) for w in ws]
+    packed: list[PackedLinear] = [pack_linear(w, fmt=dtype) for w in ws]
     ws = [w.to(dtype) for w in ws]
     xs = [torch.randn(d_in) for _ in range(n)]
     out = torch.empty(d_out)

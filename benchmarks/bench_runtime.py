@@ -107,7 +107,7 @@ def rss_mb(variant: str, threads: int) -> float:
         "if v == 'hf':\n"
         "    m.generate(ids[None], attention_mask=torch.ones(1, 64, dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
         "else:\n"
-        "    lean = LeanModel.from_hf(m, dtype=torch.bfloat16 if v == 'bf16' else torch.float32, max_seq=256)\n"
+        "    lean = LeanModel.from_hf(m, weights=v, max_seq=256)\n"
         "    del m; gc.collect()\n"
         "    lean.generate(ids, 8)\n"
         "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
@@ -137,9 +137,9 @@ def main() -> None:
     ids = prompt_ids(args.prompt)
     max_seq = args.prompt + args.new + 8
     t0 = time.perf_counter()
-    leans = {"moyu fp32": LeanModel.from_hf(model, dtype=torch.float32, max_seq=max_seq)}
+    leans = {"moyu fp32": LeanModel.from_hf(model, weights='fp32', max_seq=max_seq)}
     t_conv = time.perf_counter() - t0
-    leans["moyu bf16"] = LeanModel.from_hf(model, dtype=torch.bfloat16, max_seq=max_seq)
+    leans["moyu bf16"] = LeanModel.from_hf(model, weights='bf16', max_seq=max_seq)
     variants = {"HF generate fp32": lambda: hf_tok_s(model, ids, args.new)}
     variants.update({k: (lambda l=l: lean_tok_s(l, ids, args.new)) for k, l in leans.items()})
 

@@ -134,7 +134,7 @@ def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> V
 
 
 def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None = None,
-          new_tokens: int = 128, runs: int = 5, dtype: torch.dtype = torch.float32,
+          new_tokens: int = 128, runs: int = 5, weights: "str | torch.dtype" = "fp32",
           gguf: str | None = None, include_hf: bool = True, progress: bool = True) -> dict[str, Any]:
     """Time HF dense, moyu dense and (with ``profile``) moyu sparse decode alternately.
 
@@ -143,18 +143,20 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
     """
     from tqdm import tqdm
 
-    from .methods.steps import lean_model
+    from .kernels import weight_format
+    from .runtime import lean_model
 
+    fmt = weight_format(weights)
     ids = prompt_ids.reshape(-1)
     max_seq = ids.shape[0] + new_tokens + 8
-    dense = lean_model(model, None, dtype, max_seq)
+    dense = lean_model(model, None, fmt, max_seq)
     variants = []
     if include_hf:
         variants.append(_hf_variant(model, ids, new_tokens, tok))
     variants.append(_lean_variant("moyu_dense", dense, ids, new_tokens))
     sparse = None
     if profile is not None:
-        sparse = lean_model(model, profile, dtype, max_seq)
+        sparse = lean_model(model, profile, fmt, max_seq)
         variants.append(_lean_variant("moyu_sparse", sparse, ids, new_tokens))
     if gguf:
         peer = _llamacpp_variant(gguf, ids, new_tokens, torch.get_num_threads())
@@ -176,7 +178,7 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         reads.append(memory_bandwidth(repeats=3, kind="read"))
     bw, read_bw = statistics.median(bws), statistics.median(reads)
     out: dict[str, Any] = {"prompt_tokens": int(ids.shape[0]), "new_tokens": new_tokens, "runs": runs,
-                           "dtype": str(dtype).replace("torch.", ""),
+                           "weights": fmt.name,
                            "bandwidth_gb_s": round(bw / 1e9, 2),
                            "bandwidth_runs_gb_s": [round(b / 1e9, 1) for b in bws],
                            "read_bandwidth_gb_s": round(read_bw / 1e9, 2), "environment": environment()}

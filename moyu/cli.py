@@ -280,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import DenseReference, Windows, evaluate
     from .generate import chat_ids, generate
     from .methods import calibrate, calibration_ids, check_sparsity, sparsify
-    from .methods.steps import check_decodable, lean_model
+    from .runtime import check_decodable, lean_model
     from .report import check_out, write_report
 
     check_sparsity(args.sparsity)
@@ -348,7 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import data
     from .bench import bench
     from .methods import check_sparsity
-    from .methods.steps import check_decodable
+    from .runtime import check_decodable
     from .models import BUILTINS, builtin_gguf
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -370,7 +370,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{args.model}, batch 1, {res['environment']['threads']} threads, {res['dtype']}, prompt "
+    print(f"{args.model}, batch 1, {res['environment']['threads']} threads, {res['weights']} weights, prompt "
           f"{res['prompt_tokens']}, {res['new_tokens']} new tokens, median of {args.runs}; memory "
           f"bandwidth {res['bandwidth_gb_s']} GB/s (copy), {res['read_bandwidth_gb_s']} GB/s (read)")
     for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp_q4"):

@@ -61,7 +61,7 @@ def test_bytes_per_token_counts_every_tensor_once(tiny, one_thread):
     """Before any decode call every step reports reading all it holds, so a variant's bytes
     per token equal the runtime's bytes held: nothing missed, nothing counted twice."""
     from moyu.bench import _lean_variant
-    from moyu.methods.steps import lean_model
+    from moyu.runtime import lean_model
     model = tiny("llama")
     for method in ("sketch", "dejavu", "cats", "griffin"):
         prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5,

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moyu.kernels import (ACTIVATIONS, PackedMLP, backend_name, dense_mlp, input_sparse_linear,
+from moyu.errors import MoyuError
+from moyu.kernels import (ACTIVATIONS, PackedMLP, backend_name, input_sparse_linear,
                           pack_linear, pack_mlp, sparse_mlp, sparse_mlp_threshold)
 from moyu.kernels import _build, _torch_impl, ops
 
@@ -154,7 +155,7 @@ def test_dense_mlp_and_shapes(backend):
     packed = mlp.pack()
     x = torch.randn(11, D)  # more rows than the kernel handles per pass
     ref = mlp.reference(x)
-    torch.testing.assert_close(dense_mlp(x, packed), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(sparse_mlp(x, packed, None), ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(sparse_mlp(x[:1], packed), ref[:1], atol=2e-5, rtol=1e-4)
     assert sparse_mlp(x[0], packed).shape == (D,)
     assert sparse_mlp(x[0], packed).dtype == torch.float32
@@ -267,7 +268,7 @@ def test_input_sparse_linear(backend, bias, dtype):
     g = torch.Generator().manual_seed(6)
     w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype).float()
     b = torch.randn(d_out, generator=g) if bias else None
-    packed = pack_linear(w, b, dtype=dtype)
+    packed = pack_linear(w, b, fmt=dtype)
     tol = _tol(backend, dtype)
     x = _separated_input(3, d_in, 0.7, seed=7)
     for name, idx in _index_cases(d_in).items():
@@ -310,11 +311,11 @@ def test_backends_agree(dtype, monkeypatch):
     packed = mlp.pack()
     x = torch.randn(576)
     idx = torch.randperm(1536)[:600]
-    lin = pack_linear(torch.randn(300, 576) / 24, torch.randn(300), dtype=dtype)
+    lin = pack_linear(torch.randn(300, 576) / 24, torch.randn(300), fmt=dtype)
     results = {}
     for name, impl in (("torch", _torch_impl), ("cpp", _CPP)):
         monkeypatch.setattr(ops, "_impl", impl)
-        results[name] = (sparse_mlp(x, packed, idx), dense_mlp(x, packed),
+        results[name] = (sparse_mlp(x, packed, idx), sparse_mlp(x, packed, None),
                          input_sparse_linear(x, lin, idx[idx < 576]),
                          input_sparse_linear(x, lin, tau=0.8))
     for got, want in zip(results["cpp"], results["torch"]):
@@ -389,7 +390,7 @@ def test_pack_layout_and_validation():
     assert p.b_in.shape == (D_FF, 2) and p.b_down.dtype == torch.float32
     assert p.nbytes == (3 * D_FF * D + 2 * D_FF + D) * 4
     assert mlp.pack().slice(torch.arange(D_FF)).w_in.shape == p.w_in.shape
-    bf = pack_mlp(mlp.w_up, mlp.w_down, "relu", dtype=torch.bfloat16)
+    bf = pack_mlp(mlp.w_up, mlp.w_down, "relu", fmt=torch.bfloat16)
     assert not bf.gated and bf.w_in.shape == (D_FF, 1, D) and bf.dtype == torch.bfloat16
     assert bf.b_in is None and bf.b_down is None
     lin = pack_linear(mlp.w_up, mlp.b_up)
@@ -398,8 +399,8 @@ def test_pack_layout_and_validation():
         pack_mlp(mlp.w_up, mlp.w_down, "tanh")
     with pytest.raises(ValueError):
         pack_mlp(mlp.w_up, mlp.w_down.t(), "silu")
-    with pytest.raises(ValueError):
-        pack_mlp(mlp.w_up, mlp.w_down, "silu", dtype=torch.float16)
+    with pytest.raises(MoyuError, match="fp32"):
+        pack_mlp(mlp.w_up, mlp.w_down, "silu", fmt=torch.float16)
     with pytest.raises(IndexError):
         p.slice(torch.tensor([D_FF]))
 

@@ -93,7 +93,7 @@ def test_bf16_weights_close_to_fp32():
     model = tiny_model("gemma3_text")
     ids = _ids(SEQ)
     ref = _hf_logits(model, ids)
-    lean = LeanModel.from_hf(model, dtype=torch.bfloat16)
+    lean = LeanModel.from_hf(model, weights="bf16")
     got = lean.logits(ids, n_prefill=5)
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
     assert lean.nbytes < LeanModel.from_hf(model).nbytes
@@ -121,7 +121,7 @@ def test_packed_prefill_matches_layer():
 def test_errors_are_one_line():
     model = tiny_model("llama")
     with pytest.raises(MoyuError):
-        LeanModel.from_hf(model, dtype=torch.float16)
+        LeanModel.from_hf(model, weights=torch.float16)
     lean = LeanModel.from_hf(model, max_seq=8)
     with pytest.raises(MoyuError, match="max_seq"):
         lean.generate(_ids(6), 8)

@@ -7,12 +7,16 @@ skipped neurons (or input channels). Pack the weights once (:func:`pack_mlp`,
 is built on first use into ``$MOYU_CACHE/kernels``; without a compiler a PyTorch fallback
 with the same semantics is used (``MOYU_KERNELS=torch|cpp`` forces either).
 """
-from .ops import (attn_decode, backend_name, dense_mlp, input_sparse_linear, rms_norm, sketch_act, sketch_mlp,
+from .formats import FORMATS, WeightFormat, weight_format
+from .ops import (attn_decode, backend_name, input_sparse_linear, rms_norm, sketch_act, sketch_mlp,
                   sparse_mlp, sparse_mlp_threshold)
-from .packing import ACTIVATIONS, PackedLinear, PackedMLP, pack_linear, pack_mlp
+from ._torch_impl import one_thread, rope_
+from .packing import (ACTIVATION_FNS, ACTIVATIONS, PackedLinear, PackedMLP, activation_id,
+                      activation_kind, pack_linear, pack_mlp)
 
 __all__ = [
-    "ACTIVATIONS", "PackedLinear", "attn_decode", "PackedMLP", "backend_name", "dense_mlp",
-    "input_sparse_linear", "pack_linear", "pack_mlp", "rms_norm", "sketch_act", "sketch_mlp", "sparse_mlp",
-    "sparse_mlp_threshold",
+    "ACTIVATIONS", "ACTIVATION_FNS", "FORMATS", "PackedLinear", "PackedMLP", "WeightFormat",
+    "activation_id", "activation_kind", "attn_decode", "backend_name", "input_sparse_linear",
+    "one_thread", "pack_linear", "pack_mlp", "rms_norm", "rope_", "sketch_act", "sketch_mlp", "sparse_mlp",
+    "sparse_mlp_threshold", "weight_format",
 ]

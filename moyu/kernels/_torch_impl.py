@@ -16,12 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_ACT_FNS = (
-    F.silu,
-    F.gelu,
-    lambda t: F.gelu(t, approximate="tanh"),
-    F.relu,
-)
+from .packing import ACTIVATION_FNS as _ACT_FNS
+
 _GATE_MODE = 1  # threshold mode ids as in ops._MODES; anything else thresholds |a_i|
 
 

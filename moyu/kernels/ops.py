@@ -58,11 +58,6 @@ def sparse_mlp(x: Tensor, packed: PackedMLP, idx: Tensor | None = None,
                            packed.act_id, out)
 
 
-def dense_mlp(x: Tensor, packed: PackedMLP, out: Tensor | None = None) -> Tensor:
-    """The full MLP through the same kernel (``sparse_mlp`` with every neuron)."""
-    return sparse_mlp(x, packed, None, out)
-
-
 def sparse_mlp_threshold(x: Tensor, packed: PackedMLP, tau: float, mode: str = "gate",
                          out: Tensor | None = None) -> tuple[Tensor, int]:
     """CATS-style fused MLP: decide the kept set from a threshold inside the kernel.

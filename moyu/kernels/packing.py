@@ -7,19 +7,47 @@ Everything one neuron needs is contiguous so a kernel that skips a neuron skips 
 * ``PackedMLP.w_down_t`` is ``W_down^T`` ``[d_ff, d]``: neuron i's down column is a row.
 * ``PackedLinear.wt`` is ``W^T`` ``[in, out]``: input channel j's column is a row.
 
-Weights are float32 or bfloat16; biases are always kept in float32.
+Each packed object carries its :class:`~moyu.kernels.formats.WeightFormat`; biases are
+always kept in float32.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MoyuError
+from .formats import WeightFormat, weight_format
 
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu")
 """Activation kinds the kernels implement; the id passed to C++ is the position here."""
 
-WEIGHT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+ACTIVATION_FNS: tuple = (
+    F.silu,
+    F.gelu,
+    lambda t: F.gelu(t, approximate="tanh"),
+    F.relu,
+)
+"""The torch function of each activation kind, in :data:`ACTIVATIONS` order."""
+
+
+def activation_kind(act: nn.Module) -> str:
+    """The kernels' name (one of :data:`ACTIVATIONS`) of an HF activation module."""
+    name = type(act).__name__
+    if name in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if name == "GELUActivation":
+        return "gelu"
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
+        return "gelu_tanh"
+    if name in ("ReLU", "ReLUActivation"):
+        return "relu"
+    if name == "GELU":
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    raise MoyuError(f"unsupported MLP activation {name}: the runtime knows SiLU, GELU (exact "
+                    "or tanh) and ReLU")
 
 
 def activation_id(act: str) -> int:
@@ -43,9 +71,11 @@ def _bias(b: Tensor | None, n: int, name: str) -> Tensor | None:
     return b.detach().to(device="cpu", dtype=torch.float32).reshape(n).contiguous()
 
 
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"unsupported weight dtype {dtype}: use torch.float32 or torch.bfloat16")
+def _float_format(fmt) -> WeightFormat:
+    f = weight_format(fmt)
+    if f.quantized:
+        raise ValueError(f"format {f.name} is packed by moyu.kernels.quant, not as a float tensor")
+    return f
 
 
 @dataclass(eq=False)
@@ -61,6 +91,7 @@ class PackedMLP:
         act_id: its index in :data:`ACTIVATIONS` (what the kernels take).
         neurons: original neuron ids of the rows held (set by :meth:`slice`), or None when
             the rows are all neurons in order.
+        fmt: the weights' storage format.
     """
 
     w_in: Tensor
@@ -70,6 +101,7 @@ class PackedMLP:
     act: str
     act_id: int
     neurons: Tensor | None = None
+    fmt: WeightFormat = weight_format("fp32")
 
     @property
     def gated(self) -> bool:
@@ -87,15 +119,20 @@ class PackedMLP:
         return self.w_in.shape[0]
 
     @property
-    def dtype(self) -> torch.dtype:
-        """Weight dtype (float32 or bfloat16)."""
-        return self.w_in.dtype
-
-    @property
     def nbytes(self) -> int:
         """Bytes of all tensors held (weights and biases)."""
         tensors = (self.w_in, self.w_down_t, self.b_in, self.b_down)
         return sum(t.nbytes for t in tensors if t is not None)
+
+    @property
+    def neuron_nbytes(self) -> int:
+        """Weight bytes of one neuron: its gate/up rows and its down row."""
+        return (self.w_in.nbytes + self.w_down_t.nbytes) // max(self.d_ff, 1)
+
+    @property
+    def down_nbytes(self) -> int:
+        """Bytes of all down rows (what a kept neuron reads when gate/up are known)."""
+        return self.w_down_t.nbytes
 
     def slice(self, idx: Tensor) -> PackedMLP:
         """A compact copy holding only neurons ``idx`` (in that order).
@@ -118,7 +155,7 @@ class PackedMLP:
 
 def pack_mlp(w_up: Tensor, w_down: Tensor, act: str, w_gate: Tensor | None = None,
              b_up: Tensor | None = None, b_gate: Tensor | None = None,
-             b_down: Tensor | None = None, dtype: torch.dtype = torch.float32) -> PackedMLP:
+             b_down: Tensor | None = None, fmt: "str | WeightFormat" = "fp32") -> PackedMLP:
     """Packs an MLP given in ``nn.Linear`` layout.
 
     Args:
@@ -127,11 +164,12 @@ def pack_mlp(w_up: Tensor, w_down: Tensor, act: str, w_gate: Tensor | None = Non
         act: activation kind, one of :data:`ACTIVATIONS`.
         w_gate: ``[d_ff, d]`` gate projection for gated MLPs (``act(gate) * up``), else None.
         b_up, b_gate, b_down: optional biases.
-        dtype: weight storage dtype, float32 or bfloat16 (accumulation is always fp32).
+        fmt: weight storage format (a name, dtype or WeightFormat; accumulation is fp32).
 
     Plain fp32 MLPs may share ``w_up``'s storage instead of copying it.
     """
-    _check_dtype(dtype)
+    fmt = _float_format(fmt)
+    dtype = fmt.dtype
     act_id = activation_id(act)
     d_ff, d = w_up.shape
     if w_down.shape != (d, d_ff):
@@ -154,7 +192,7 @@ def pack_mlp(w_up: Tensor, w_down: Tensor, act: str, w_gate: Tensor | None = Non
         if b_gate is not None:
             b_in[:, 0] = _bias(b_gate, d_ff, "b_gate")
     return PackedMLP(w_in=w_in, w_down_t=w_down_t, b_in=b_in,
-                     b_down=_bias(b_down, d, "b_down"), act=act, act_id=act_id)
+                     b_down=_bias(b_down, d, "b_down"), act=act, act_id=act_id, fmt=fmt)
 
 
 @dataclass(eq=False)
@@ -164,10 +202,12 @@ class PackedLinear:
     Attributes:
         wt: ``[in, out]`` transposed weight (input channel j's column is row j).
         b: ``[out]`` float32 bias, or None.
+        fmt: the weight's storage format.
     """
 
     wt: Tensor
     b: Tensor | None = None
+    fmt: WeightFormat = weight_format("fp32")
 
     @property
     def in_features(self) -> int:
@@ -180,20 +220,15 @@ class PackedLinear:
         return self.wt.shape[1]
 
     @property
-    def dtype(self) -> torch.dtype:
-        """Weight dtype (float32 or bfloat16)."""
-        return self.wt.dtype
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the weight and bias."""
         return self.wt.nbytes + (0 if self.b is None else self.b.nbytes)
 
 
 def pack_linear(w: Tensor, b: Tensor | None = None,
-                dtype: torch.dtype = torch.float32) -> PackedLinear:
+                fmt: "str | WeightFormat" = "fp32") -> PackedLinear:
     """Packs an ``nn.Linear`` weight ``[out, in]`` (and optional bias) as ``W^T``."""
-    _check_dtype(dtype)
+    fmt = _float_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"w must be [out, in], got {list(w.shape)}")
-    return PackedLinear(wt=_weight(w, dtype).t().contiguous(), b=_bias(b, w.shape[0], "b"))
+    return PackedLinear(wt=_weight(w, fmt.dtype).t().contiguous(), b=_bias(b, w.shape[0], "b"), fmt=fmt)

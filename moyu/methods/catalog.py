@@ -32,6 +32,7 @@ class Method:
     streams: ClassVar[set[str]] = set()   # what calibration samples
     prompts: ClassVar[bool] = False       # calibration keeps prompt activations
     defaults: ClassVar[dict[str, Any]] = {}
+    rule_type: ClassVar[type | None] = None   # the rule it applies (None: dense); the runtime keys steps on it
 
     @property
     def options(self) -> dict[str, Any]:
@@ -105,6 +106,7 @@ class Dense(Method):
 
 
 class Oracle(Method):
+    rule_type = TopKRule
     name = "oracle"
     summary = "per token, top-k of |a_i| * ||W_down[:, i]|| from the full activation: quality ceiling, no speed"
     defaults = {"by": "contrib"}
@@ -115,6 +117,7 @@ class Oracle(Method):
 
 
 class Cats(Method):
+    rule_type = GateThresholdRule
     name, needs_gate = "cats", True
     summary = "per token, keep |act(gate . x)| > tau_l; tau_l from calibration quantiles"
     streams = {"g"}
@@ -132,6 +135,7 @@ class Cats(Method):
 
 
 class Cett(Method):
+    rule_type = GateThresholdRule
     name = "cett"
     summary = ("per token, CATS-style threshold (|act(gate)|, or |a| for plain MLPs); with --cett B "
                "every layer drops CETT <= B, with --sparsity S one shared CETT level is found so the "
@@ -186,6 +190,7 @@ class Cett(Method):
 
 
 class Relu(Method):
+    rule_type = ReluRule
     name = "relu"
     summary = ("swap the activation for ReLU at sparse positions (no training); thresholds >= 0 "
                "raise sparsity past ReLU's natural level")
@@ -204,6 +209,7 @@ class Relu(Method):
 
 
 class Griffin(Method):
+    rule_type = PromptTopKRule
     name, granularity = "griffin", "sequence"
     summary = "per sequence, top-k of the prompt's row-normalised activation norms, fixed for generation"
 
@@ -213,6 +219,7 @@ class Griffin(Method):
 
 
 class Tda(Method):
+    rule_type = PromptThresholdRule
     name, granularity, prompts = "tda", "sequence", True
     summary = ("per sequence, keep neurons whose max-normalised prompt statistic exceeds theta_l; "
                "theta_l calibrated so the layer's average sparsity hits the target")
@@ -235,6 +242,7 @@ class Tda(Method):
 
 
 class Teal(Method):
+    rule_type = InputRule
     name, granularity = "teal", "input"
     summary = "per token, zero input channels |x_j| < tau of every linear; greedy or uniform per layer"
     streams = {"x", "a", "xa", "xo"}

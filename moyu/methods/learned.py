@@ -62,6 +62,7 @@ class PredictorRule(NeuronRule):
 
 
 class DejaVu(Method):
+    rule_type = PredictorRule
     name = "dejavu"
     summary = "per token, top-k of a rank-r predictor x -> neuron contributions, trained on calibration text"
     streams = {"x", "a"}
@@ -127,6 +128,7 @@ class RouterRule(NeuronRule):
 
 
 class Moe(Method):
+    rule_type = RouterRule
     name = "moe"
     summary = "per token, neurons clustered into experts by co-activation; a linear router picks the top experts"
     streams = {"x", "a"}

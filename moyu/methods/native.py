@@ -43,8 +43,7 @@ class Sketch:
     """
 
     def __init__(self, ml: MLPLayer):
-        from ..kernels.packing import activation_id
-        from ..runtime.steps import activation_kind
+        from ..kernels.packing import activation_id, activation_kind
         self.ml = ml
         rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
         w = torch.stack([r.detach().float() for r in rows], 1)            # [d_ff, r, d]
@@ -114,6 +113,7 @@ class SketchRule(NeuronRule):
 
 
 class SketchMethod(Method):
+    rule_type = SketchRule
     name = "sketch"
     summary = ("moyu's own: per token, score every neuron from an int8 sketch of gate/up, keep "
                "|act(g~)*u~|*||W_down col|| > tau_l, compute only those exactly")

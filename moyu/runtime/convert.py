@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ..arch import MLPLayer, mlp_layers, spec_for
 from ..errors import MoyuError
+from .. import kernels as K
 from .steps import LinearFactory, MLPFactory, MLPStep
-from .steps import _kernels
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "gemma", "gemma2",
               "gemma3_text", "phi3")
@@ -32,8 +32,8 @@ class Norm:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.kind == "rms":
-            if _kernels is not None and x.dtype == torch.float32:
-                return _kernels.rms_norm(x, self.weight, self.eps)
+            if x.dtype == torch.float32:
+                return K.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 

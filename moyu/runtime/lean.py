@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MoyuError
-from ..kernels import attn_decode
-from ..kernels._torch_impl import one_thread, rope_
+from ..kernels import attn_decode, one_thread, rope_
+from ..kernels.formats import WeightFormat, weight_format
 from .convert import LeanLayer, LeanSpec, build_spec
-from .steps import (DenseLinear, LinearFactory, MLPFactory, check_dtype, dense_linear_factory,
-                    dense_mlp_factory)
+from .steps import DenseLinear, LinearFactory, MLPFactory, dense_linear_factory, dense_mlp_factory
 
 
 @dataclass
@@ -62,9 +61,9 @@ class LeanModel:
     token by token, or :meth:`generate`. The HF model may be deleted after conversion.
     """
 
-    def __init__(self, spec: LeanSpec, max_seq: int, dtype: torch.dtype):
+    def __init__(self, spec: LeanSpec, max_seq: int, fmt: WeightFormat):
         self.spec = spec
-        self.dtype = dtype
+        self.fmt = fmt
         if spec.max_positions is not None:
             max_seq = min(max_seq, spec.max_positions)
         self.max_seq = max_seq
@@ -82,7 +81,7 @@ class LeanModel:
 
     @classmethod
     def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
-                linear_factory: LinearFactory | None = None, dtype: torch.dtype = torch.float32,
+                linear_factory: LinearFactory | None = None, weights: "str | WeightFormat" = "fp32",
                 max_seq: int = 2048) -> "LeanModel":
         """Convert an HF causal LM (fp32 weights on CPU).
 
@@ -93,25 +92,28 @@ class LeanModel:
                 attention projections (roles ``q``, ``k``, ``v``, ``qkv``, ``o``). Without it the
                 separate q/k/v are fused into one dense ``qkv``; GPT-NeoX's ``qkv`` rows are
                 passed reordered to ``[q; k; v]``.
-            dtype: storage of the weights, float32 or bfloat16 (activations stay fp32).
+            weights: storage format of the weights (``fp32``, ``bf16``, a torch dtype or a
+                :class:`~moyu.kernels.WeightFormat`); activations stay fp32.
             max_seq: KV cache length (prompt + new tokens).
 
         Batch 1 only. Peak memory during conversion is the HF model plus the packed copy;
-        the runtime keeps no reference to the HF MLP or q/k/v weights afterwards.
+        afterwards the runtime holds no reference to any HF module or parameter it did not
+        take over as is (fp32 norms and embedding tables), so deleting the HF model frees
+        its weights.
         """
-        check_dtype(dtype)
-        mlp_factory = mlp_factory or dense_mlp_factory(dtype)
-        default = dense_linear_factory(dtype)
+        fmt = weight_format(weights)
+        mlp_factory = mlp_factory or dense_mlp_factory(fmt)
+        default = dense_linear_factory(fmt)
         with torch.inference_mode():
             spec = build_spec(model, mlp_factory, linear_factory, default, max_seq)
             head = model.get_output_embeddings()
             tied = head.weight.data_ptr() == spec.embed.data_ptr()
-            spec.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), dtype)
+            spec.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), fmt)
             if tied:  # one table: the packed lm_head serves the embedding lookups too
                 spec.embed = None
-            elif dtype != torch.float32:
-                spec.embed = spec.embed.to(dtype)
-        return cls(spec, max_seq, dtype)
+            elif fmt.dtype != torch.float32:
+                spec.embed = spec.embed.to(fmt.dtype)
+        return cls(spec, max_seq, fmt)
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:

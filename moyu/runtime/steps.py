@@ -1,9 +1,11 @@
-"""Pluggable MLP and linear steps of the lean runtime.
+"""The runtime's dense steps: the default MLP step and the dense linear.
 
 The runtime never computes an MLP or an attention projection itself: it asks an
 ``mlp_factory(layer) -> MLPStep`` and a ``linear_factory(layer_index, role, weight, bias)
--> callable`` for them once, at conversion time. Sparse methods plug in by passing their
-own factories; the defaults here are dense.
+-> callable`` for them once, at conversion time. Sparse methods plug in their own steps
+(:mod:`moyu.runtime.sparse`); the defaults here are dense. Every step packs its weights at
+construction in a :class:`~moyu.kernels.WeightFormat` and keeps no reference to the HF
+module it came from.
 """
 from __future__ import annotations
 
@@ -11,17 +13,16 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .. import kernels as K
 from ..arch import MLPLayer
-from ..errors import MoyuError
+from ..kernels.formats import WeightFormat, weight_format
+from ..kernels.packing import PackedMLP, activation_kind
 
-try:  # the kernels package is optional: without it the steps fall back to F.linear
-    from .. import kernels as _kernels
-except ImportError:  # pragma: no cover - exercised only where kernels are absent
-    _kernels = None
-
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# Rows of a low-precision weight converted to fp32 at a time for a prompt GEMM: the fp32
+# copy is a bounded scratch, never the whole matrix.
+_PREFILL_ROWS = 1024
 
 
 @runtime_checkable
@@ -47,70 +48,71 @@ LinearStep = Callable[[Tensor], Tensor]
 LinearFactory = Callable[[int, str, Tensor, "Tensor | None"], LinearStep]
 
 
-def check_dtype(dtype: torch.dtype) -> torch.dtype:
-    """``dtype`` if the runtime can hold weights in it; one-line MoyuError otherwise."""
-    if dtype not in WEIGHT_DTYPES:
-        raise MoyuError(f"unsupported runtime dtype {dtype}: use torch.float32 or torch.bfloat16")
-    return dtype
+def rows_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """``x [T, in] @ w[rows, in]^T`` in fp32 for weights stored in any float format.
+
+    fp32 weights go to one GEMM; lower precision ones are widened a block of rows at a
+    time (CPUs without native bf16 have no fast bf16 GEMM, and a whole fp32 copy per
+    prompt would double the memory held).
+    """
+    if w.dtype == torch.float32:
+        return F.linear(x, w)
+    out = x.new_empty(x.shape[0], w.shape[0])
+    for r0 in range(0, w.shape[0], _PREFILL_ROWS):
+        out[:, r0:r0 + _PREFILL_ROWS] = F.linear(x, w[r0:r0 + _PREFILL_ROWS].float())
+    return out
 
 
-def activation_kind(act: nn.Module | Callable) -> str:
-    """The kernels' name (``silu``, ``gelu``, ``gelu_tanh``, ``relu``) of an HF activation module."""
-    name = type(act).__name__
-    if name in ("SiLUActivation", "SiLU"):
-        return "silu"
-    if name == "GELUActivation":
-        return "gelu"
-    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
-        return "gelu_tanh"
-    if name in ("ReLU", "ReLUActivation"):
-        return "relu"
-    if name == "GELU":
-        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
-    raise MoyuError(f"unsupported MLP activation {name}: the runtime knows SiLU, GELU (exact "
-                    "or tanh) and ReLU")
+def cols_matmul(a: Tensor, wt: Tensor) -> Tensor:
+    """``a [T, k] @ wt [k, out]`` in fp32 for a transposed weight in any float format."""
+    if wt.dtype == torch.float32:
+        return a @ wt
+    out = a.new_zeros(a.shape[0], wt.shape[1])
+    for r0 in range(0, wt.shape[0], _PREFILL_ROWS):
+        out += a[:, r0:r0 + _PREFILL_ROWS] @ wt[r0:r0 + _PREFILL_ROWS].float()
+    return out
 
 
-def activation_fn(kind: str) -> Callable[[Tensor], Tensor]:
-    """The torch function for an activation kind."""
-    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[kind]
+def pack_layer(layer: MLPLayer, fmt: "str | WeightFormat" = "fp32") -> PackedMLP:
+    """The layer's MLP packed for the kernels (:func:`moyu.kernels.pack_mlp`)."""
+    return K.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), w_gate=layer.w_gate,
+                      b_up=layer.b_up, b_gate=layer.b_gate, b_down=layer.b_down, fmt=fmt)
 
 
-def pack_layer(layer: MLPLayer, dtype: torch.dtype = torch.float32):
-    """The layer's MLP packed for the kernels (``moyu.kernels.pack_mlp``)."""
-    if _kernels is None:
-        raise MoyuError("moyu.kernels is not importable: the packed MLP layout needs it")
-    return _kernels.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act),
-                             w_gate=layer.w_gate, b_up=layer.b_up, b_gate=layer.b_gate,
-                             b_down=layer.b_down, dtype=dtype)
-
-
-def packed_mlp_matmul(x: Tensor, packed) -> Tensor:
-    """Dense MLP of many rows ``[T, d]`` as two GEMMs over a ``PackedMLP``'s own storage.
+def packed_activations(x: Tensor, packed: PackedMLP) -> Tensor:
+    """The MLP activation vector ``a [T, d_ff]`` of prompt rows ``x [T, d]`` from packed weights.
 
     ``w_in`` viewed as ``[r * d_ff, d]`` is an ordinary linear whose outputs interleave
-    gate and up per neuron, so prefill needs no second copy of the weights.
+    gate and up per neuron, so no second copy of the weights is needed.
     """
-    w_in = packed.w_in.reshape(-1, packed.d)
-    w_dt = packed.w_down_t
-    if w_in.dtype != torch.float32:  # bf16 GEMM has no fast path on CPUs without bf16
-        w_in, w_dt = w_in.float(), w_dt.float()
-    h = F.linear(x, w_in).view(x.shape[0], packed.d_ff, -1)
+    h = rows_matmul(x, packed.w_in.reshape(-1, packed.d)).view(x.shape[0], packed.d_ff, -1)
     if packed.b_in is not None:
         h = h + packed.b_in
-    act = activation_fn(packed.act)
-    a = act(h[..., 0]) * h[..., 1] if packed.gated else act(h[..., 0])
-    y = a @ w_dt
+    act = K.ACTIVATION_FNS[packed.act_id]
+    return act(h[..., 0]) * h[..., 1] if packed.gated else act(h[..., 0])
+
+
+def packed_mlp_matmul(x: Tensor, packed: PackedMLP, a: Tensor | None = None) -> Tensor:
+    """Dense MLP of many rows ``[T, d]`` over a ``PackedMLP``'s own storage (two GEMMs).
+
+    ``a``: the activations when the caller already has them (:func:`packed_activations`).
+    """
+    a = packed_activations(x, packed) if a is None else a
+    y = cols_matmul(a, packed.w_down_t)
     return y if packed.b_down is None else y + packed.b_down
 
 
 class DenseMLPStep:
-    """The default MLP step: the kernels' dense path at decode, two GEMMs at prefill."""
+    """The default MLP step: the kernels' dense path at decode, two GEMMs at prefill.
 
-    def __init__(self, layer: MLPLayer, dtype: torch.dtype = torch.float32):
-        self.packed = pack_layer(layer, dtype)
+    It also meters what it reads, so sparse steps derive from it: ``count`` records the
+    neurons one decode call computed and ``bytes_per_token`` is what a token reads.
+    """
+
+    def __init__(self, layer: MLPLayer, fmt: "str | WeightFormat" = "fp32"):
+        self.packed = pack_layer(layer, fmt)
         self.kept = self.packed.d_ff
+        self.kept_sum = self.calls = 0
         self._out = torch.empty(self.packed.d)
 
     def prefill(self, x: Tensor) -> Tensor:
@@ -119,103 +121,65 @@ class DenseMLPStep:
 
     def decode(self, x: Tensor) -> Tensor:
         """Dense MLP of one position, ``[d] -> [d]`` (output buffer reused)."""
-        return _kernels.sparse_mlp(x, self.packed, None, self._out)
+        return K.sparse_mlp(x, self.packed, None, self._out)
+
+    def count(self, kept: int) -> None:
+        """Record one decode call that computed ``kept`` neurons."""
+        self.kept = kept
+        self.kept_sum += kept
+        self.calls += 1
+
+    @property
+    def kept_share(self) -> float:
+        """Mean share of neurons computed per decode call so far."""
+        return self.kept_sum / (self.calls * self.packed.d_ff) if self.calls else 1.0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed weights."""
+        """Bytes held: the packed weights (sparse steps add their selection structures)."""
+        return self.packed.nbytes
+
+    def bytes_per_token(self) -> float:
+        """Mean weight bytes read per decoded token (selection structures included)."""
         return self.packed.nbytes
 
 
-class TorchMLPStep:
-    """Dense MLP with ``F.linear`` on the ``[out, in]`` weights (no kernels needed)."""
-
-    def __init__(self, layer: MLPLayer, dtype: torch.dtype = torch.float32):
-        conv = lambda t: None if t is None else t.detach().to(dtype).contiguous()
-        self.w_up, self.w_down, self.w_gate = conv(layer.w_up), conv(layer.w_down), conv(layer.w_gate)
-        bias = lambda t: None if t is None else t.detach().float()
-        self.b_up, self.b_gate, self.b_down = bias(layer.b_up), bias(layer.b_gate), bias(layer.b_down)
-        self.act = activation_fn(activation_kind(layer.act))
-        self.kept = self.w_up.shape[0]
-
-    def _run(self, x: Tensor) -> Tensor:
-        xd = x.to(self.w_up.dtype)
-        u = F.linear(xd, self.w_up).float()
-        if self.b_up is not None:
-            u = u + self.b_up
-        if self.w_gate is None:
-            a = self.act(u)
-        else:
-            g = F.linear(xd, self.w_gate).float()
-            a = self.act(g if self.b_gate is None else g + self.b_gate) * u
-        y = F.linear(a.to(self.w_down.dtype), self.w_down).float()
-        return y if self.b_down is None else y + self.b_down
-
-    def prefill(self, x: Tensor) -> Tensor:
-        """Dense MLP over the prompt."""
-        return self._run(x)
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Dense MLP of one position."""
-        return self._run(x)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the weights held."""
-        ts = (self.w_up, self.w_down, self.w_gate, self.b_up, self.b_gate, self.b_down)
-        return sum(t.nbytes for t in ts if t is not None)
-
-
-def dense_mlp_factory(dtype: torch.dtype = torch.float32) -> MLPFactory:
-    """Factory of :class:`DenseMLPStep` (or :class:`TorchMLPStep` without the kernels)."""
-    cls = DenseMLPStep if _kernels is not None else TorchMLPStep
-    return lambda layer: cls(layer, dtype)
+def dense_mlp_factory(fmt: "str | WeightFormat" = "fp32") -> MLPFactory:
+    """Factory of :class:`DenseMLPStep`."""
+    fmt = weight_format(fmt)
+    return lambda layer: DenseMLPStep(layer, fmt)
 
 
 class DenseLinear:
     """``y = W x + b`` for the attention projections and the lm_head; float32 in and out.
 
-    With the kernels, the weight is packed as ``W^T`` and a single position goes through
-    ``input_sparse_linear`` with every channel: measured 2-4x faster than MKL's
-    ``F.linear`` gemv here, in fp32 and bf16. Prompts (2-D ``x``) use one fp32 GEMM.
-    Without the kernels, ``F.linear`` on the ``[out, in]`` weight.
+    The weight is packed as ``W^T`` and a single position goes through
+    ``input_sparse_linear`` with every channel (measured 2-4x faster than MKL's
+    ``F.linear`` gemv here, in fp32 and bf16). Prompts (2-D ``x``) use one GEMM.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype = torch.float32):
-        w = weight.detach()
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: "str | WeightFormat" = "fp32"):
         self.bias = None if bias is None else bias.detach().float()
-        self.packed = None
-        self.weight = None
-        if _kernels is not None:
-            self.packed = _kernels.pack_linear(w, self.bias, dtype)
-        else:
-            self.weight = w if w.dtype == dtype and w.is_contiguous() else w.to(dtype).contiguous()
-        self.out_features = w.shape[0]
+        self.packed = K.pack_linear(weight.detach(), self.bias, weight_format(fmt))
+        self.out_features = weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            if x.dim() == 1:
-                return _kernels.input_sparse_linear(x, self.packed)
-            y = x @ self.packed.wt.float()
-            return y if self.bias is None else y + self.bias
-        if self.weight.dtype != torch.float32:
-            y = F.linear(x.to(self.weight.dtype), self.weight).float()
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        if x.dim() == 1:
+            return K.input_sparse_linear(x, self.packed)
+        y = cols_matmul(x, self.packed.wt)
+        return y if self.bias is None else y + self.bias
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``W[ids]`` as float32 (the embedding lookup of a tied lm_head)."""
-        if self.packed is not None:
-            return self.packed.wt[:, ids].t().float()
-        return F.embedding(ids, self.weight).float()
+        return self.packed.wt[:, ids].t().float()
 
     @property
     def nbytes(self) -> int:
         """Bytes of the weight and bias."""
-        w = self.packed.nbytes if self.packed is not None else self.weight.nbytes
-        return w + (0 if self.bias is None or self.packed is not None else self.bias.nbytes)
+        return self.packed.nbytes
 
 
-def dense_linear_factory(dtype: torch.dtype = torch.float32) -> LinearFactory:
+def dense_linear_factory(fmt: "str | WeightFormat" = "fp32") -> LinearFactory:
     """Factory of :class:`DenseLinear` (signature of ``linear_factory``)."""
-    return lambda index, role, weight, bias: DenseLinear(weight, bias, dtype)
+    fmt = weight_format(fmt)
+    return lambda index, role, weight, bias: DenseLinear(weight, bias, fmt)
