@@ -91,6 +91,15 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def _observe(fn: Callable[[torch.Tensor], object], t: torch.Tensor) -> None:
+    """Call a read-only tap (its return value must not reach the hook machinery)."""
+    fn(t)
+
+
+STREAMS: tuple[str, ...] = ("x", "gate", "up", "act", "out", "attn_in", "o_in")
+"""What :meth:`MLPLayer.tap` can observe (``gate`` only on gated MLPs)."""
+
+
 class MLPLayer:
     """One decoder layer's MLP seen through the table: modules and weights in a common layout.
 
@@ -170,6 +179,10 @@ class MLPLayer:
         """Gate pre-activation from :meth:`gate_module`'s output."""
         return out[..., : out.shape[-1] // 2] if self.spec.gate_up else out
 
+    def down_norms(self) -> torch.Tensor:
+        """``||W_down[:, i]||_2`` per neuron (float32): what one unit of activation i adds."""
+        return self.w_down.detach().float().norm(dim=0)
+
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP activation vector ``a`` for MLP input ``x`` (what enters ``down``)."""
         u = nn.functional.linear(x, self.w_up, self.b_up)
@@ -177,6 +190,40 @@ class MLPLayer:
             return self.act(u)
         g = nn.functional.linear(x, self.w_gate, self.b_gate)
         return self.act(g) * u
+
+    def tap(self, stream: str, fn: Callable[[torch.Tensor], "torch.Tensor | None"]):
+        """Call ``fn`` with one of this MLP's streams on every forward; returns the hook handle.
+
+        Streams (see :data:`STREAMS`): ``x`` the MLP input, ``gate`` the gate pre-activation,
+        ``up`` the up (fc1) output with its bias, ``act`` the activation vector entering the
+        down projection, ``out`` the MLP output, ``attn_in`` the input of the attention
+        projections and ``o_in`` that of the attention output projection. Tensors come as
+        the model has them (``[B, T, F]``, or ``[T, F]`` where a model flattens). Only
+        ``act`` may be edited: a non-None return replaces what the down projection gets.
+        Fused projections (Phi-3's gate_up) are split here, so callers never see them.
+        """
+        if stream == "act":
+            def pre(_m, args):
+                new = fn(args[0])
+                return None if new is None else (new,)
+            return self.down.register_forward_pre_hook(pre)
+        if stream in ("x", "attn_in", "o_in"):
+            if stream == "x":
+                mod = self.up
+            else:
+                lin = self.attn_linears()
+                mod = lin["o"] if stream == "o_in" else lin.get("qkv", lin.get("q"))
+            return mod.register_forward_pre_hook(lambda _m, args: _observe(fn, args[0]))
+        if stream == "gate" and self.gated:
+            return self.gate_module().register_forward_hook(
+                lambda _m, _a, out: _observe(fn, self.gate_from_output(out)))
+        if stream == "up":
+            fused = self.spec.gate_up
+            return self.up.register_forward_hook(
+                lambda _m, _a, out: _observe(fn, out[..., out.shape[-1] // 2:] if fused else out))
+        if stream == "out":
+            return self.down.register_forward_hook(lambda _m, _a, out: _observe(fn, out))
+        raise ValueError(f"unknown MLP stream '{stream}' (gated={self.gated}): use one of {', '.join(STREAMS)}")
 
     def attn_linears(self) -> dict[str, nn.Module]:
         """The attention projections by role: ``q``, ``k``, ``v`` or ``qkv``, and ``o``."""

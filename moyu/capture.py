@@ -141,29 +141,18 @@ class Capture:
         st.update(v)
 
     def __enter__(self) -> "Capture":
+        taps = {"act": [("act", "act")], "gate": [("gate", "gate")],
+                "inputs": [("act", "in:down"), ("x", "in:mlp"), ("attn_in", "in:attn"), ("o_in", "in:o")]}
         for ml in self.layers:
-            i = ml.index
-            if "act" in self.streams or "inputs" in self.streams:
-                def down_pre(_m, args, i=i):
-                    if "act" in self.streams:
-                        self._add(i, "act", args[0])
-                    if "inputs" in self.streams:
-                        self._add(i, "in:down", args[0])
-                self._handles.append(ml.down.register_forward_pre_hook(down_pre))
-            if "gate" in self.streams and ml.gated:
-                def gate_fwd(_m, _args, out, ml=ml, i=i):
-                    self._add(i, "gate", ml.act(ml.gate_from_output(out)))
-                self._handles.append(ml.gate_module().register_forward_hook(gate_fwd))
-            if "inputs" in self.streams:
-                def mlp_in(_m, args, i=i):
-                    self._add(i, "in:mlp", args[0])
-                self._handles.append(ml.up.register_forward_pre_hook(mlp_in))
-                lin = ml.attn_linears()
-                first = lin.get("qkv", lin.get("q"))
-                self._handles.append(first.register_forward_pre_hook(
-                    lambda _m, args, i=i: self._add(i, "in:attn", args[0])))
-                self._handles.append(lin["o"].register_forward_pre_hook(
-                    lambda _m, args, i=i: self._add(i, "in:o", args[0])))
+            for want in sorted(self.streams):
+                for stream, name in taps[want]:
+                    if stream == "gate" and not ml.gated:
+                        continue
+                    if stream == "gate":
+                        fn = lambda g, ml=ml, name=name: self._add(ml.index, name, ml.act(g))
+                    else:
+                        fn = lambda t, i=ml.index, name=name: self._add(i, name, t)
+                    self._handles.append(ml.tap(stream, fn))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -188,7 +177,7 @@ def run_batches(model: nn.Module, ids: torch.Tensor, window: int, progress: bool
                 model(chunk[None], logits_to_keep=1)
 
 
-def collect(model: nn.Module, ids: torch.Tensor, streams: Iterable[str] = ("act",),
+def stream_stats(model: nn.Module, ids: torch.Tensor, streams: Iterable[str] = ("act",),
             window: int = 512, progress: bool = False) -> Capture:
     """Stream statistics of ``ids`` through ``model``; returns the finished :class:`Capture`."""
     with Capture(model, streams) as cap:
@@ -212,17 +201,12 @@ def capture_raw(model: nn.Module, layers: Iterable[int] | None = None,
     for ml in mls:
         if ml.index not in chosen:
             continue
-        i = ml.index
-        if "act" in what:
-            handles.append(ml.down.register_forward_pre_hook(
-                lambda _m, args, i=i: out["act"][i].append(args[0].detach().float().clone())))
-        if "x" in what:
-            handles.append(ml.up.register_forward_pre_hook(
-                lambda _m, args, i=i: out["x"][i].append(args[0].detach().float().clone())))
-        if "gate" in what and ml.gated:
-            handles.append(ml.gate_module().register_forward_hook(
-                lambda _m, _a, o, ml=ml, i=i: out["gate"][i].append(
-                    ml.act(ml.gate_from_output(o)).detach().float().clone())))
+        for w in what:
+            if w == "gate" and not ml.gated:
+                continue
+            conv = (lambda t, ml=ml: ml.act(t)) if w == "gate" else (lambda t: t)
+            handles.append(ml.tap(w, lambda t, w=w, i=ml.index, conv=conv:
+                                  out[w][i].append(conv(t).detach().float().clone())))
     try:
         yield out
     finally:

@@ -50,11 +50,11 @@ def add_text_args(p: argparse.ArgumentParser, default_tokens: int = 4096) -> Non
     p.add_argument("--scored-len", type=int, default=256, help="scored positions per window")
 
 
-def load_model(args: argparse.Namespace):
-    """Load the model named by ``--model``/``--dtype``."""
+def load_model(args: argparse.Namespace, name: str | None = None):
+    """Load the model named by ``--model`` (or ``name``) in ``--dtype``."""
     import torch
     from .models import load
-    return load(args.model, dtype=getattr(torch, args.dtype), verbose=not getattr(args, "json", False))
+    return load(name or args.model, dtype=getattr(torch, args.dtype), verbose=not getattr(args, "json", False))
 
 
 def check_text_args(args: argparse.Namespace) -> None:
@@ -99,12 +99,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_method_args(p: argparse.ArgumentParser) -> None:
+def add_method_args(p: argparse.ArgumentParser, profile: bool = True) -> None:
     """``--method``/``--sparsity``/``--cett``/``--profile`` and calibration text options."""
     p.add_argument("--method", help="dynamic-activation method (see `moyu methods`)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target share of neurons skipped")
     p.add_argument("--cett", type=float, help="calibrate to a CETT error budget instead (e.g. 0.2)")
-    p.add_argument("--profile", metavar="FILE", help="use a saved profile instead of calibrating")
+    if profile:
+        p.add_argument("--profile", metavar="FILE", help="use a saved profile instead of calibrating")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: built-in calib split)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -134,7 +135,7 @@ def make_profile(args: argparse.Namespace, model, tok):
     """Load ``--profile`` or calibrate ``--method`` at ``--sparsity``/``--cett``."""
     from .methods import calibrate, calibration_ids
     from .profile import Profile
-    if args.profile:
+    if getattr(args, "profile", None):
         return Profile.load(args.profile)
     params = method_options(args.method, args.option)
     ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
@@ -200,7 +201,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _configure_calibrate(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_method_args(p)
+    add_method_args(p, profile=False)
     p.add_argument("--prompt-len", type=int, default=256, help="dense prompt positions per window")
     p.add_argument("--scored-len", type=int, default=256, help="scored positions per window")
     p.add_argument("--out", required=True, metavar="FILE", help="profile file to write")
@@ -214,7 +215,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise MoyuError("--method is required: pick one of `moyu methods`")
     get_method(args.method)
     check_sparsity(args.sparsity)
-    args.profile = None
     t0 = time.perf_counter()
     model, tok = load_model(args)
     t1 = time.perf_counter()
@@ -263,7 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    from .demo import DEFAULT_PROMPT
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tokens", type=int, default=2048 + 257, help="eval-corpus tokens for perplexity")
     p.add_argument("--method", default="sketch-reuse", help="method shown at --sparsity")
@@ -275,58 +276,8 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 @command("demo", "the main job: diagnose, generate, evaluate, sparsify, decode faster (what `make demo` runs)")
 @options(_configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import data
-    from .analysis import analyze
-    from .evaluate import DenseReference, Windows, evaluate
-    from .generate import chat_ids, generate
-    from .methods import calibrate, calibration_ids, check_sparsity, sparsify
-    from .runtime import check_decodable, lean_model
-    from .report import check_out, write_report
-
-    check_sparsity(args.sparsity)
-    check_decodable(args.method, args.sparsity)
-    check_out(args.out)
-    t0 = time.perf_counter()
-    model, tok = load_model(args)
-    print(f"== moyu demo: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
-          f"parameters, {model.config.model_type}), loaded in {time.perf_counter() - t0:.1f} s")
-
-    print("\n-- 1. diagnose: does this model over-activate? (moyu analyze)")
-    rep = analyze(model, tok)
-    for c in rep.claims:
-        print(f"  [{c['verdict']}] {c['claim']}\n      {c['measured']}")
-    out = write_report([rep], args.out)
-    print(f"  full report: {out / 'report.html'}")
-
-    print("\n-- 2. quality: dense vs dynamic activation on held-out text (moyu eval)")
-    ids = data.tokens(tok, "eval", args.tokens)
-    ref = DenseReference()
-    res = evaluate(model, ids, Windows(), reference=ref, progress=True)
-    print(f"  dense perplexity: {res.ppl:.3f} ({res.tokens} scored tokens, {res.seconds:.1f} s)")
-    prof = calibrate(model, calibration_ids(tok, 4096), method=args.method, sparsity=args.sparsity,
-                     progress=True)
-    sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
-    print(f"  {args.method} at {args.sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
-          f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "
-          f"KL {sp.kl:.4f}, top-1 agreement {sp.top1_agree:.3f}")
-
-    print(f"\n-- 3. speed: greedy decode at batch 1 of the answer to: {args.prompt!r}")
-    gen = generate(model, tok, args.prompt, args.max_new_tokens)
-    prompt = chat_ids(tok, args.prompt).reshape(-1)
-    runs = [("HF generate, dense", gen.text, gen.tokens_per_s)]
-    for name, pr in (("moyu dense", None), (f"moyu {args.method} {args.sparsity:.0%}", prof)):
-        lean = lean_model(model, pr, max_seq=prompt.shape[0] + args.max_new_tokens + 8)
-        lean.generate(prompt, 8)                       # warm-up
-        lean.reset()
-        toks, timing = lean.generate(prompt, args.max_new_tokens, eos_token_id=tok.eos_token_id)
-        runs.append((name, tok.decode(toks, skip_special_tokens=True).strip(), timing.tok_s))
-        del lean
-    for name, text, rate in runs:
-        print(f"  [{name}: {rate:.1f} tok/s]\n  {text}\n")
-    print(f"  moyu dense is {runs[1][2] / runs[0][2]:.2f}x HF generate; {args.method} is "
-          f"{runs[2][2] / runs[1][2]:.2f}x moyu dense and {runs[2][2] / runs[0][2]:.2f}x HF "
-          "(one run each; `moyu bench` gives medians of alternating runs)")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+    from .demo import run_demo
+    run_demo(args.model, args.prompt, args.max_new_tokens, args.tokens, args.method, args.sparsity, args.out)
     return 0
 
 
@@ -339,6 +290,7 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(prompt_len=256, scored_len=256)   # calibration windows (no text options here)
 
 
 @command("bench", "decode speed at batch 1: HF dense, moyu dense and moyu sparse, side by side")
@@ -357,7 +309,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_decodable(args.method, args.sparsity)
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
-    args.prompt_len, args.scored_len = 256, 256
     model, tok = load_model(args)
     prof = make_profile(args, model, tok) if (args.method or args.profile) else None
     ids = data.tokens(tok, "eval", args.prompt_tokens)
@@ -399,23 +350,6 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def steady_allocator(threshold: int = 4 << 20) -> bool:
-    """Fix glibc's mmap threshold so large freed tensors go back to the OS at once.
-
-    glibc raises the threshold after each large free, after which streaming windows of
-    activations are carved from a heap that fragments: measured here, the resident size of
-    the over-activation stream grew 1.0 -> 1.6 GB over 6k tokens while the tensors held
-    stayed flat. With the threshold fixed at 4 MB the peak stays at 0.96 GB and the run takes
-    as long (at 128 kB every activation buffer pays page faults: 1.5x slower). Returns False
-    where there is no glibc.
-    """
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))   # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 @command("analyze", "MOYU diagnostics: over-activation, history uncertainty, inertia; JSON + HTML report")
 @options(_configure_analyze)
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -423,7 +357,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .report import check_out, load_reports, write_report
 
     check_out(args.out)
-    steady_allocator()
     try:
         ks = tuple(float(k) for k in args.k.split(","))
     except ValueError:
@@ -434,9 +367,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [args.model]
     reports = []
     for name in names:
-        args.model = name
         t0 = time.perf_counter()
-        model, tok = load_model(args)
+        model, tok = load_model(args, name)
         rep = analyze(model, tok, cfg)
         print(f"{name}: analysed in {time.perf_counter() - t0:.0f} s")
         for c in rep.claims:

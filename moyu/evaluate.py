@@ -151,14 +151,3 @@ def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
     return EvalResult(tokens=n, ppl=math.exp(nll_mod / n), seconds=seconds, windows=windows,
                       dense_ppl=dense_ppl, kl=kl_sum / n, top1_agree=agree / n,
                       extra=dict(modifier.measured()))
-
-
-def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """KL(softmax a || softmax b) mean over rows, top-1 agreement and max |a - b|."""
-    la, lb = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
-    return {
-        "kl": float((la.exp() * (la - lb)).sum(-1).mean()),
-        "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-        "max_abs_diff": float((a.float() - b.float()).abs().max()),
-    }
-

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import MoyuError
+from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_MAGIC = b"GGUF"
@@ -58,11 +59,6 @@ BUILTINS: dict[str, Builtin] = {
         joined_name="gemma-3-270m-q4_k_m.gguf",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Root of moyu's cache: ``$MOYU_CACHE`` or ``~/.cache/moyu``."""
-    return Path(os.environ.get("MOYU_CACHE", Path.home() / ".cache" / "moyu")).expanduser()
 
 
 def _package_dir(module: str) -> Path | None:

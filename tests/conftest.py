@@ -19,6 +19,17 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# Fixtures that load a real model: every test using one is in the slow tier by itself.
+REAL_MODEL_FIXTURES = {"smollm", "default_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """``-m "not slow"`` is the fast tier: tests on real models are marked slow here."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the default built-in model, from the real cache."""

@@ -132,3 +132,38 @@ def test_unsupported_architecture_is_one_line(model_type):
 def test_object_without_config_is_refused():
     with pytest.raises(MoyuError, match="unsupported architecture 'None'"):
         spec_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "opt"])
+def test_tap_streams_are_what_the_mlp_computes(arch):
+    """One tap API: every stream is the tensor the MLP really computes; ``act`` can be edited."""
+    import torch
+    from moyu.arch import STREAMS, mlp_layers
+    from moyu.tiny import tiny_model
+
+    model = tiny_model(arch)
+    ml = mlp_layers(model)[0]
+    seen = {}
+    handles = [ml.tap(s, lambda t, s=s: seen.setdefault(s, t.detach().clone()))
+               for s in STREAMS if s != "gate" or ml.gated]
+    ids = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        ref = model(ids).logits
+    for h in handles:
+        h.remove()
+    x = seen["x"]
+    with torch.no_grad():
+        assert torch.allclose(seen["act"], ml.intermediate(x), atol=1e-5)
+        assert torch.allclose(seen["out"], ml.mlp(x) if ml.spec.mlp else torch.nn.functional.linear(
+            seen["act"], ml.w_down, ml.b_down), atol=1e-5)
+        assert torch.allclose(seen["up"], torch.nn.functional.linear(x, ml.w_up, ml.b_up), atol=1e-5)
+        if ml.gated:
+            assert torch.allclose(seen["gate"], torch.nn.functional.linear(x, ml.w_gate, ml.b_gate), atol=1e-5)
+    assert seen["attn_in"].shape[-1] == x.shape[-1] and "o_in" in seen
+    h = ml.tap("act", lambda a: torch.zeros_like(a))   # an edit reaches the down projection
+    with torch.no_grad():
+        zeroed = model(ids).logits
+    h.remove()
+    assert not torch.allclose(zeroed, ref)
+    with pytest.raises(ValueError, match="unknown MLP stream"):
+        ml.tap("nope", print)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moyu.arch import mlp_layers
-from moyu.capture import (BINS_PER_DECADE, Capture, StreamStats, capture_raw, collect,
+from moyu.capture import (BINS_PER_DECADE, Capture, StreamStats, capture_raw, stream_stats,
                           hist_quantile, log_histogram, run_batches)
 from moyu.tiny import TINY_TYPES
 
@@ -23,7 +23,7 @@ def _ids(n, seed=0):
 def test_memory_is_flat_in_token_count(tiny):
     model = tiny("llama")
     streams = ("act", "gate", "inputs")
-    small = collect(model, _ids(1_000), streams, window=250)
+    small = stream_stats(model, _ids(1_000), streams, window=250)
     with Capture(model, streams) as big:
         for seed in range(100):                    # 100k tokens, 100x more
             run_batches(model, _ids(1_000, seed), window=250)
@@ -77,7 +77,7 @@ def test_streamed_stats_equal_raw_activations(tiny, arch):
     ids = _ids(90, seed=3)
     with capture_raw(model, layers=None, what=("act", "x", "gate")) as raw:
         run_batches(model, ids, window=40)
-    cap = collect(model, ids, ("act", "gate"), window=40)
+    cap = stream_stats(model, ids, ("act", "gate"), window=40)
     for ml in mlp_layers(model):
         acts = torch.cat([t.reshape(-1, ml.d_ff) for t in raw["act"][ml.index]])
         assert acts.shape[0] == cap.stats[ml.index]["act"].count == 90

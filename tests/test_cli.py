@@ -82,13 +82,22 @@ def runs(inputs, tiny_gguf):
     jobs = {name: (_argv(BAD[name][0], root, tiny_gguf), env1) for name in sorted(SUBPROCESS)}
     jobs["tiny json"] = (["eval", "--model", str(tiny_gguf), "--text", str(root / "prose.txt"),
                           *TINY_WINDOWS, "--json"], env1)
+    return _run_all(jobs)
+
+
+@pytest.fixture(scope="module")
+def default_run(inputs):
+    """``moyu eval --json`` on the default model with the built-in eval corpus (real cache)."""
+    _root, env = inputs
     real_env = {k: v for k, v in env.items() if k != "MOYU_CACHE"}
     if "MOYU_CACHE" in os.environ:
         real_env["MOYU_CACHE"] = os.environ["MOYU_CACHE"]
-    # the default model with the built-in eval corpus, from the real cache
-    jobs["default json"] = (["eval", "--json", "--tokens", "1200"], real_env)
+    return _run_all({"default json": (["eval", "--json", "--tokens", "1200"], real_env)})["default json"]
+
+
+def _run_all(jobs: dict) -> dict:
     out, running = {}, {}
-    pending = ["default json", *[n for n in jobs if n != "default json"]]
+    pending = list(jobs)
     while pending or running:
         while pending and len(running) < 3:
             name = pending.pop(0)
@@ -110,8 +119,8 @@ def _in_process(case, root, gguf, env, capsys, monkeypatch):
     return rc, cap.out, cap.err
 
 
-def test_eval_json_default_model(runs):
-    rc, stdout, stderr = runs["default json"]
+def test_eval_json_default_model(default_run):
+    rc, stdout, stderr = default_run
     assert rc == 0, stderr
     obj = json.loads(stdout)                       # exactly one JSON object on stdout
     assert {"model", "tokens", "ppl", "seconds"} <= set(obj)
@@ -223,6 +232,8 @@ def test_method_options_are_typed_and_checked():
 
 def test_steady_allocator_applies_on_glibc():
     import platform
+
+    from moyu.analysis.common import steady_allocator
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert cli.steady_allocator() is True
+    assert steady_allocator() is True

@@ -58,6 +58,7 @@ def test_smollm_cached_load_is_fast(smollm):
         assert torch.equal(p, a[name]), name
 
 
+@pytest.mark.slow
 def test_gemma3_loads_joined_checked_and_gives_finite_logits():
     model, tok = moyu.load("gemma3-270m", verbose=False)
     assert model.config.model_type in ("gemma3_text", "gemma3")

@@ -132,6 +132,7 @@ def test_errors_are_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_real_default_model_greedy_matches_hf():
     import moyu
     try:

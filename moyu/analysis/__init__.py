@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from ..errors import MoyuError
 from .common import (AnalyzeConfig, Spans, bos_prefix, calib_needed, eval_needed, layers_of,
-                     make_spans)
+                     make_spans, steady_allocator)
 from .consistency import parallel_vs_sequential
 from .history import history_uncertainty, predictor_recall
 from .inertia import inertia
 from .overactivation import overactivation
 
-__all__ = ["AnalyzeConfig", "Report", "analyze", "demo_summary", "claims"]
+__all__ = ["AnalyzeConfig", "Report", "analyze", "claims"]
 
 
 @dataclass
@@ -82,6 +82,7 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
     Text comes from the built-in corpus through ``tok`` unless ``eval_ids`` / ``calib_ids``
     (1-D token ids) are given (the tests pass random ids to tiny models).
     """
+    steady_allocator()   # keeps the resident size flat while activations stream through
     cfg = config or AnalyzeConfig()
     layers = layers_of(model)
     cfg.validate(layers[0].d_ff)
@@ -185,26 +186,3 @@ def claims(rep: Report) -> list[dict]:
          "verdict": "holds" if c["max_rel_diff"] < 1e-3 else "fails", "figure": "consistency.png"},
     ]
     return out
-
-
-def demo_summary(model: nn.Module, tok, tokens: int = 512) -> str:
-    """A few lines on over-activation of ``model`` (streamed over ``tokens`` eval tokens; seconds)."""
-    from .. import data
-    cfg = AnalyzeConfig(tokens=max(tokens, 128), cett_tokens=64, cett_grid=20)
-    layers = layers_of(model)
-    cfg.validate(layers[0].d_ff)
-    ids = data.tokens(tok, "eval", cfg.tokens)
-    t0 = time.perf_counter()
-    o = overactivation(model, ids, cfg, bos_prefix(model, tok))
-    m, per = o["mean"], o["layers"]
-    best = min(range(len(per)), key=lambda j: per[j]["share_90"])
-    return "\n".join([
-        f"over-activation over {len(ids)} tokens, {len(per)} layers ({time.perf_counter() - t0:.1f} s):",
-        f"  {m['share_90']:.1%} of MLP neurons carry 90 % of each token's output mass "
-        f"(iid Gaussian would need {m['gaussian_share_90']:.1%}); most concentrated: layer {best} "
-        f"({per[best]['share_90']:.1%})",
-        f"  keeping only what CETT <= 0.2 needs: {m['sparsity_at_cett_0.2']:.1%} sparsity; "
-        f"natural sparsity (|a| < 1e-3 max): {m['natural_sparsity']:.2%}",
-        f"  heavy hitters (in the top {cfg.hh_keep:.0%} for > {cfg.hh_rate:.0%} of tokens): "
-        f"{m['heavy_hitters_topk']:.2%} of neurons",
-    ])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..predictor import fit_lowrank, topk_recall
-from .common import AnalyzeConfig, down_norms, jaccard, kcount, layers_of, run_acts, topk_mask
+from .common import AnalyzeConfig, jaccard, kcount, layers_of, run_acts, topk_mask
 
 
 def _probe_acts(model: nn.Module, hists: list[torch.Tensor], probe: torch.Tensor, bos: torch.Tensor
@@ -39,7 +39,7 @@ def history_uncertainty(model: nn.Module, probes: list[torch.Tensor], natural: l
                         tick=lambda: None) -> dict:
     """Per-layer overlaps of probe-token active sets across histories (see module doc)."""
     layers = layers_of(model)
-    wns = down_norms(layers)
+    wns = [ml.down_norms() for ml in layers]
     hists = natural + random
     kinds = ["natural"] * len(natural) + ["random"] * len(random)
     # scores[layer] -> [K, P*L, d_ff]
@@ -84,7 +84,7 @@ def predictor_recall(model: nn.Module, train: torch.Tensor, held_out: torch.Tens
                      cfg: AnalyzeConfig, bos: torch.Tensor, tick=lambda: None) -> dict:
     """Fit a rank-``cfg.rank`` predictor x -> c per layer on ``train``; top-k recall on ``held_out``."""
     layers = layers_of(model)
-    wns = down_norms(layers)
+    wns = [ml.down_norms() for ml in layers]
 
     def collect(ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         xs: dict[int, list] = {i: [] for i in range(len(layers))}

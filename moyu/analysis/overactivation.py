@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..capture import N_BINS, log_histogram
-from .common import AnalyzeConfig, down_norms, kcount, layers_of
+from .common import AnalyzeConfig, kcount, layers_of
 
 CETT_LEVELS = (0.1, 0.2, 0.3)
 MASS_LEVELS = (0.5, 0.9, 0.99)
@@ -139,19 +139,17 @@ def overactivation(model: nn.Module, stream: torch.Tensor, cfg: AnalyzeConfig,
                    bos: torch.Tensor, tick=lambda: None) -> dict:
     """Stream ``stream`` (1-D eval ids) in windows; per-layer over-activation statistics."""
     layers = layers_of(model)
-    wns = down_norms(layers)
+    wns = [ml.down_norms() for ml in layers]
     accs = [_LayerAcc(ml.d_ff, wn, ml.w_down.detach().float(), cfg) for ml, wn in zip(layers, wns)]
     nb = len(bos)
     n_windows = math.ceil(len(stream) / cfg.window)
     per_window = math.ceil(cfg.cett_tokens / n_windows)
     state = {"rows": torch.empty(0, dtype=torch.long)}
 
-    def hook(_m, args, acc):
-        a = args[0][0, nb:]                               # drop the BOS position (attention sink)
-        acc.update(a, state["rows"])
+    def hook(a, acc):
+        acc.update(a[0, nb:], state["rows"])             # drop the BOS position (attention sink)
 
-    handles = [ml.down.register_forward_pre_hook(lambda m, args, acc=acc: hook(m, args, acc))
-               for ml, acc in zip(layers, accs)]
+    handles = [ml.tap("act", lambda a, acc=acc: hook(a, acc)) for ml, acc in zip(layers, accs)]
     try:
         with torch.inference_mode():
             for s in range(0, len(stream), cfg.window):

@@ -33,8 +33,8 @@ _MARKER = "moyu-loaded.json"
 
 def cache_dir() -> Path:
     """Directory that holds the compiled kernels (``$MOYU_CACHE/kernels``)."""
-    root = os.environ.get("MOYU_CACHE") or os.path.join("~", ".cache", "moyu")
-    return Path(root).expanduser() / "kernels"
+    from ..paths import cache_dir as root
+    return root() / "kernels"
 
 
 def _cpu_flags() -> set[str]:

@@ -124,16 +124,6 @@ class PackedMLP:
         tensors = (self.w_in, self.w_down_t, self.b_in, self.b_down)
         return sum(t.nbytes for t in tensors if t is not None)
 
-    @property
-    def neuron_nbytes(self) -> int:
-        """Weight bytes of one neuron: its gate/up rows and its down row."""
-        return (self.w_in.nbytes + self.w_down_t.nbytes) // max(self.d_ff, 1)
-
-    @property
-    def down_nbytes(self) -> int:
-        """Bytes of all down rows (what a kept neuron reads when gate/up are known)."""
-        return self.w_down_t.nbytes
-
     def slice(self, idx: Tensor) -> PackedMLP:
         """A compact copy holding only neurons ``idx`` (in that order).
 

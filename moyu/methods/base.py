@@ -190,30 +190,22 @@ class Sparsifier:
 
     def _install_neuron(self, i: int, ml: MLPLayer, rule: NeuronRule | None) -> None:
         if rule is None:  # a dense layer among sparse ones: count it, change nothing
-            def count(_m, args):
-                c, t = self.counters[i], self._dense_prefix(i, args[0].shape[-2])
-                n = args[0][..., t:, :].numel()
+            def count(a):
+                c, t = self.counters[i], self._dense_prefix(i, a.shape[-2])
+                n = a[..., t:, :].numel()
                 c.kept += n
                 c.total += n
-            self._handles.append(ml.down.register_forward_pre_hook(count))
+            self._handles.append(ml.tap("act", count))
             return
         inp = self._inputs[i]
-        if "x" in rule.needs:
-            self._handles.append(ml.up.register_forward_pre_hook(
-                lambda _m, args: setattr(inp, "x", args[0])))
-        if "g" in rule.needs:
-            self._handles.append(ml.gate_module().register_forward_hook(
-                lambda _m, _a, out: setattr(inp, "g", ml.gate_from_output(out))))
-        if "u" in rule.needs:
-            def up_out(_m, _a, out):
-                inp.u = out[..., out.shape[-1] // 2:] if ml.spec.gate_up else out
-            self._handles.append(ml.up.register_forward_hook(up_out))
+        for need, stream in (("x", "x"), ("g", "gate"), ("u", "up")):
+            if need in rule.needs:
+                self._handles.append(ml.tap(stream, lambda t, need=need: setattr(inp, need, t)))
 
         d, dff = ml.w_up.shape[1], ml.d_ff
         mlp_params = dff * d * (3 if ml.gated else 2)
 
-        def down_pre(_m, args):
-            a = args[0]
+        def down_pre(a):
             squeeze = a.dim() == 2
             if squeeze:
                 a = a[None]
@@ -242,9 +234,9 @@ class Sparsifier:
             kept_reads = 1 - rule.full_reads if rule.kept_reads is None else rule.kept_reads
             c.skipped_bytes += mlp_params * ((1 - rule.full_reads) * n_tok - kept_reads * n_keep / dff)
             out = torch.cat([a[:, :p], new_tail], 1) if p else new_tail
-            return (out[0] if squeeze else out,)
+            return out[0] if squeeze else out
 
-        self._handles.append(ml.down.register_forward_pre_hook(down_pre))
+        self._handles.append(ml.tap("act", down_pre))
 
     def _install_input(self, i: int, ml: MLPLayer, rule: InputRule) -> None:
         conv1d = ml.spec.conv1d

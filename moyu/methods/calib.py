@@ -72,36 +72,19 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
         t = t if t.dim() == 3 else t[None]   # OPT flattens batch and time: [T, F]
         store.append(t[0, p:][pos].detach().float().clone())
 
+    names = {"a": "act", "g": "gate", "u": "up", "x": "x", "xa": "attn_in", "xo": "o_in"}
     handles = []
     for ml in layers:
         i = ml.index
-
-        def down_pre(_m, args, i=i):
-            a = args[0]
-            if "a" in streams:
-                keep(out.a[i], a)
-            if prompts:
+        for name in sorted(streams):
+            if name == "g" and not ml.gated:
+                continue
+            handles.append(ml.tap(names[name], lambda t, store=getattr(out, name)[i]: keep(store, t)))
+        if prompts:
+            def prompt_act(a, i=i):
                 a3 = a if a.dim() == 3 else a[None]
                 out.prompts[i].append(a3[0, :p].detach().float().clone())
-        handles.append(ml.down.register_forward_pre_hook(down_pre))
-        if "x" in streams:
-            handles.append(ml.up.register_forward_pre_hook(lambda _m, args, i=i: keep(out.x[i], args[0])))
-        if "g" in streams and ml.gated:
-            handles.append(ml.gate_module().register_forward_hook(
-                lambda _m, _a, o, ml=ml, i=i: keep(out.g[i], ml.gate_from_output(o))))
-        if "xa" in streams or "xo" in streams:
-            lin = ml.attn_linears()
-            first = lin.get("qkv", lin.get("q"))
-            if "xa" in streams:
-                handles.append(first.register_forward_pre_hook(
-                    lambda _m, args, i=i: keep(out.xa[i], args[0])))
-            if "xo" in streams:
-                handles.append(lin["o"].register_forward_pre_hook(
-                    lambda _m, args, i=i: keep(out.xo[i], args[0])))
-        if "u" in streams:
-            def up_out(_m, _a, o, ml=ml, i=i):
-                keep(out.u[i], o[..., o.shape[-1] // 2:] if ml.spec.gate_up else o)
-            handles.append(ml.up.register_forward_hook(up_out))
+            handles.append(ml.tap("act", prompt_act))
     try:
         with torch.inference_mode():
             for s in tqdm(starts, desc="calibrate", disable=not progress, leave=False):

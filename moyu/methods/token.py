@@ -10,7 +10,7 @@ from .calib import quantile
 
 def down_norms(ml: MLPLayer) -> torch.Tensor:
     """||W_down[:, i]||_2 per neuron: what one unit of activation i adds to the output."""
-    return ml.w_down.detach().float().norm(dim=0)
+    return ml.down_norms()
 
 
 class TopKRule(NeuronRule):

@@ -83,7 +83,7 @@ class IndexStep(DenseMLPStep):
     def decode(self, x: Tensor) -> Tensor:
         idx = self.select(x)
         self.count(int(idx.numel()))
-        return K.sparse_mlp(x, self.packed, idx)
+        return self.kernels.mlp(x, self.packed, idx)
 
 
 class ThresholdStep(DenseMLPStep):
@@ -97,29 +97,40 @@ class ThresholdStep(DenseMLPStep):
         self.mode = "gate" if layer.gated else "act"
 
     def decode(self, x: Tensor) -> Tensor:
-        y, kept = K.sparse_mlp_threshold(x, self.sparse, self.tau, mode=self.mode)
+        y, kept = self.kernels.threshold(x, self.sparse, self.tau, mode=self.mode)
         self.count(int(kept))
         return y
 
     def bytes_per_token(self) -> float:
         p = self.packed
-        first = p.w_in[:, 0].nbytes if p.gated else p.w_in.nbytes   # read for every neuron
-        rest = p.nbytes - first
-        return first + self.kept_share * rest
+        first = p.w_in.nbytes // 2 if p.gated else p.w_in.nbytes   # gate (or fc1): every neuron
+        return first + self.kept_share * (p.nbytes - first)
 
 
 class SketchStep(DenseMLPStep):
     """moyu's ``sketch``: one fused kernel scores every neuron from the int8 sketch and
-    computes only the kept ones (exactly, or from the sketch's estimate with ``reuse``)."""
+    computes only the kept ones (exactly, or from the sketch's estimate with ``reuse``).
+
+    On block-quantized weights the quantized gate/up rows *are* the sketch: every neuron's
+    activation comes from them (no second copy), and only the kept neurons' down rows are
+    read, with or without ``reuse``.
+    """
 
     def __init__(self, layer: MLPLayer, rule: NeuronRule, fmt: WeightFormat):
         super().__init__(layer, fmt)
-        sk = rule.sketch
-        self.reuse, self.sketch_nbytes = bool(rule.reuse), sk.nbytes
-        self._args = (sk.codes, sk.scales, sk.bias, sk.down_norm, float(rule.tau))
+        sk, tau = rule.sketch, float(rule.tau)
+        self.reuse = bool(rule.reuse) or fmt.quantized
+        if fmt.quantized:
+            self.sketch_nbytes = 0
+            self._run = lambda x: self.kernels.sketch(x, self.packed, self._down_norm, tau, self._out)
+            self._down_norm = self.packed.down_norm()
+        else:
+            self.sketch_nbytes = sk.nbytes
+            args = (sk.codes, sk.scales, sk.bias, sk.down_norm, tau)
+            self._run = lambda x: K.sketch_mlp(x, *args, self.packed, self.reuse, self._out)
 
     def decode(self, x: Tensor) -> Tensor:
-        y, kept = K.sketch_mlp(x, *self._args, self.packed, self.reuse, self._out)
+        y, kept = self._run(x)
         self.count(int(kept))
         return y
 
@@ -129,8 +140,10 @@ class SketchStep(DenseMLPStep):
         return self.packed.nbytes + self.sketch_nbytes
 
     def bytes_per_token(self) -> float:
-        per_kept = self.packed.down_nbytes if self.reuse else self.packed.nbytes
-        return self.sketch_nbytes + self.kept_share * per_kept
+        p = self.packed
+        if self.fmt.quantized:   # every gate/up row, the kept down rows
+            return p.w_in.nbytes + self.kept_share * p.w_down_t.nbytes
+        return self.sketch_nbytes + self.kept_share * (p.w_down_t.nbytes if self.reuse else p.nbytes)
 
 
 class PromptStep(DenseMLPStep):
@@ -158,7 +171,7 @@ class PromptStep(DenseMLPStep):
         if self.sliced is None:
             raise MoyuError("a sequence-level method needs the prompt first: call prefill")
         self.count(self.sliced.d_ff)
-        return K.sparse_mlp(x, self.sliced, None)
+        return self.kernels.mlp(x, self.sliced, None)
 
     def bytes_per_token(self) -> float:
         return self.sliced.nbytes if self.sliced is not None else self.packed.nbytes
@@ -170,7 +183,7 @@ class InputLinearStep(DenseLinear):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, tau: float,
                  scale: Tensor | None, fmt: WeightFormat):
-        super().__init__(weight, bias, fmt)
+        super().__init__(weight, bias, fmt, transposed=True)
         self.tau = float(tau)
         self.scale = None if scale is None else scale.detach().float().contiguous()
         self.kept_sum = self.calls = 0
@@ -186,16 +199,19 @@ class InputLinearStep(DenseLinear):
         idx = self.keep(x)
         self.kept_sum += idx.numel()
         self.calls += 1
+        if self.qt is not None:
+            from ..kernels.quant_ops import q_axpy
+            return q_axpy(x, self.qt, idx, bias=self.bias)
         return K.input_sparse_linear(x, self.packed, idx)
 
     @property
     def kept_share(self) -> float:
         """Mean share of input channels (= weight columns) read per decoded token."""
-        return self.kept_sum / (self.calls * self.packed.in_features) if self.calls else 1.0
+        return self.kept_sum / (self.calls * self.in_features) if self.calls else 1.0
 
     def bytes_per_token(self) -> float:
         """Mean weight bytes read per decoded token."""
-        return self.kept_share * self.packed.nbytes
+        return self.kept_share * self.nbytes
 
 
 def input_threshold(rule: InputRule, role: str) -> tuple[float, Tensor | None]:

@@ -9,6 +9,7 @@ module it came from.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .. import kernels as K
 from ..arch import MLPLayer
+from ..errors import MoyuError
 from ..kernels.formats import WeightFormat, weight_format
 from ..kernels.packing import PackedMLP, activation_kind
 
@@ -48,35 +50,68 @@ LinearStep = Callable[[Tensor], Tensor]
 LinearFactory = Callable[[int, str, Tensor, "Tensor | None"], LinearStep]
 
 
-def rows_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """``x [T, in] @ w[rows, in]^T`` in fp32 for weights stored in any float format.
+def _n_rows(w) -> int:
+    return w.shape[0] if isinstance(w, Tensor) else w.rows
 
-    fp32 weights go to one GEMM; lower precision ones are widened a block of rows at a
-    time (CPUs without native bf16 have no fast bf16 GEMM, and a whole fp32 copy per
-    prompt would double the memory held).
+
+def _rows_f32(w, r0: int, r1: int) -> Tensor:
+    """Rows ``r0:r1`` of a float tensor or a :class:`~moyu.kernels.quant.QuantMatrix` as fp32."""
+    if isinstance(w, Tensor):
+        return w[r0:r1].float()
+    return replace(w, qs=w.qs[r0:r1], d=w.d[r0:r1], m=None if w.m is None else w.m[r0:r1]).dequantize()
+
+
+def rows_matmul(x: Tensor, w) -> Tensor:
+    """``x [T, in] @ w[rows, in]^T`` in fp32 for weights stored in any format.
+
+    fp32 weights go to one GEMM; other formats are widened a block of rows at a time (CPUs
+    without native bf16 have no fast bf16 GEMM, and a whole fp32 copy per prompt would
+    double the memory held).
     """
-    if w.dtype == torch.float32:
+    if isinstance(w, Tensor) and w.dtype == torch.float32:
         return F.linear(x, w)
-    out = x.new_empty(x.shape[0], w.shape[0])
-    for r0 in range(0, w.shape[0], _PREFILL_ROWS):
-        out[:, r0:r0 + _PREFILL_ROWS] = F.linear(x, w[r0:r0 + _PREFILL_ROWS].float())
+    n = _n_rows(w)
+    out = x.new_empty(x.shape[0], n)
+    for r0 in range(0, n, _PREFILL_ROWS):
+        out[:, r0:r0 + _PREFILL_ROWS] = F.linear(x, _rows_f32(w, r0, r0 + _PREFILL_ROWS))
     return out
 
 
-def cols_matmul(a: Tensor, wt: Tensor) -> Tensor:
-    """``a [T, k] @ wt [k, out]`` in fp32 for a transposed weight in any float format."""
-    if wt.dtype == torch.float32:
+def cols_matmul(a: Tensor, wt) -> Tensor:
+    """``a [T, k] @ wt [k, out]`` in fp32 for a transposed weight stored in any format."""
+    if isinstance(wt, Tensor) and wt.dtype == torch.float32:
         return a @ wt
-    out = a.new_zeros(a.shape[0], wt.shape[1])
-    for r0 in range(0, wt.shape[0], _PREFILL_ROWS):
-        out += a[:, r0:r0 + _PREFILL_ROWS] @ wt[r0:r0 + _PREFILL_ROWS].float()
+    n = _n_rows(wt)
+    out = None
+    for r0 in range(0, n, _PREFILL_ROWS):
+        part = a[:, r0:r0 + _PREFILL_ROWS] @ _rows_f32(wt, r0, r0 + _PREFILL_ROWS)
+        out = part if out is None else out.add_(part)
     return out
 
 
-def pack_layer(layer: MLPLayer, fmt: "str | WeightFormat" = "fp32") -> PackedMLP:
-    """The layer's MLP packed for the kernels (:func:`moyu.kernels.pack_mlp`)."""
-    return K.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), w_gate=layer.w_gate,
-                      b_up=layer.b_up, b_gate=layer.b_gate, b_down=layer.b_down, fmt=fmt)
+def pack_layer(layer: MLPLayer, fmt: "str | WeightFormat" = "fp32"):
+    """The layer's MLP packed for the kernels: a :class:`~moyu.kernels.PackedMLP` for float
+    formats, a :class:`~moyu.kernels.quant.QuantMLP` for block-quantized ones."""
+    fmt = weight_format(fmt)
+    args = dict(w_gate=layer.w_gate, b_up=layer.b_up, b_gate=layer.b_gate, b_down=layer.b_down)
+    if fmt.quantized:
+        from ..kernels.quant import quantize_mlp
+        return quantize_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt.name, **args)
+    return K.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt=fmt, **args)
+
+
+class MLPKernels:
+    """The decode kernels of one packed MLP's format, chosen once at construction."""
+
+    def __init__(self, packed):
+        if isinstance(packed, PackedMLP):
+            self.mlp, self.threshold = K.sparse_mlp, K.sparse_mlp_threshold
+            self.sketch = None
+        else:
+            from ..kernels import quant_ops as Q
+            self.mlp = Q.q_mlp
+            self.threshold = Q.q_mlp_threshold
+            self.sketch = Q.q_sketch_mlp
 
 
 def packed_activations(x: Tensor, packed: PackedMLP) -> Tensor:
@@ -85,7 +120,8 @@ def packed_activations(x: Tensor, packed: PackedMLP) -> Tensor:
     ``w_in`` viewed as ``[r * d_ff, d]`` is an ordinary linear whose outputs interleave
     gate and up per neuron, so no second copy of the weights is needed.
     """
-    h = rows_matmul(x, packed.w_in.reshape(-1, packed.d)).view(x.shape[0], packed.d_ff, -1)
+    w_in = packed.w_in.reshape(-1, packed.d) if isinstance(packed.w_in, Tensor) else packed.w_in
+    h = rows_matmul(x, w_in).view(x.shape[0], packed.d_ff, -1)
     if packed.b_in is not None:
         h = h + packed.b_in
     act = K.ACTIVATION_FNS[packed.act_id]
@@ -110,7 +146,9 @@ class DenseMLPStep:
     """
 
     def __init__(self, layer: MLPLayer, fmt: "str | WeightFormat" = "fp32"):
-        self.packed = pack_layer(layer, fmt)
+        self.fmt = weight_format(fmt)
+        self.packed = pack_layer(layer, self.fmt)
+        self.kernels = MLPKernels(self.packed)
         self.kept = self.packed.d_ff
         self.kept_sum = self.calls = 0
         self._out = torch.empty(self.packed.d)
@@ -121,7 +159,7 @@ class DenseMLPStep:
 
     def decode(self, x: Tensor) -> Tensor:
         """Dense MLP of one position, ``[d] -> [d]`` (output buffer reused)."""
-        return K.sparse_mlp(x, self.packed, None, self._out)
+        return self.kernels.mlp(x, self.packed, None, self._out)
 
     def count(self, kept: int) -> None:
         """Record one decode call that computed ``kept`` neurons."""
@@ -153,29 +191,60 @@ def dense_mlp_factory(fmt: "str | WeightFormat" = "fp32") -> MLPFactory:
 class DenseLinear:
     """``y = W x + b`` for the attention projections and the lm_head; float32 in and out.
 
-    The weight is packed as ``W^T`` and a single position goes through
+    Float weights are packed as ``W^T`` and a single position goes through
     ``input_sparse_linear`` with every channel (measured 2-4x faster than MKL's
     ``F.linear`` gemv here, in fp32 and bf16). Prompts (2-D ``x``) use one GEMM.
+
+    Block-quantized formats keep ``W`` row-major (``[out, in]``, blocks along ``in``) and
+    decode with integer dot products (:func:`moyu.kernels.quant_ops.q_matvec`).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: "str | WeightFormat" = "fp32"):
-        self.bias = None if bias is None else bias.detach().float()
-        self.packed = K.pack_linear(weight.detach(), self.bias, weight_format(fmt))
-        self.out_features = weight.shape[0]
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: "str | WeightFormat" = "fp32",
+                 transposed: bool = False):
+        self.fmt = weight_format(fmt)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.packed = self.q = self.qt = None
+        if self.fmt.quantized:
+            from ..kernels.quant import quantize
+            if transposed:   # W^T, one row per input channel: what input sparsity skips
+                self.qt = quantize(weight.detach().float().t(), self.fmt.name)
+            else:
+                self.q = quantize(weight.detach(), self.fmt.name)
+        else:
+            self.packed = K.pack_linear(weight.detach(), self.bias, self.fmt)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dim() == 1:
+        if self.q is not None:
+            if x.dim() == 1:
+                from ..kernels.quant_ops import q_matvec
+                return q_matvec(x, self.q, None, self.bias)
+            y = rows_matmul(x, self.q)
+        elif self.qt is not None:
+            if x.dim() == 1:
+                from ..kernels.quant_ops import q_axpy
+                return q_axpy(x, self.qt, None, bias=self.bias)
+            y = cols_matmul(x, self.qt)
+        elif x.dim() == 1:
             return K.input_sparse_linear(x, self.packed)
-        y = cols_matmul(x, self.packed.wt)
+        else:
+            y = cols_matmul(x, self.packed.wt)
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``W[ids]`` as float32 (the embedding lookup of a tied lm_head)."""
+        if self.q is not None:
+            return self.q.slice(ids).dequantize()
+        if self.qt is not None:
+            raise MoyuError("a transposed quantized linear cannot serve embedding rows")
         return self.packed.wt[:, ids].t().float()
 
     @property
     def nbytes(self) -> int:
         """Bytes of the weight and bias."""
+        q = self.q if self.q is not None else self.qt
+        if q is not None:
+            return q.nbytes + (0 if self.bias is None else self.bias.nbytes)
         return self.packed.nbytes
 
 
