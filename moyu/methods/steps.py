@@ -23,10 +23,12 @@ from ..runtime.steps import DenseLinear, DenseMLPStep, activation_fn, activation
 from ..profile import Profile
 from . import get_method
 from .base import InputRule, LayerInputs, NeuronRule
-from .learned import PredictorRule, RouterRule
-from .native import SketchRule
-from .sequence import PromptTopKRule
-from .token import GateThresholdRule, ReluRule
+from .cats import GateThresholdRule
+from .dejavu import PredictorRule
+from .griffin import PromptTopKRule
+from .moe import RouterRule
+from .relu import ReluRule
+from .sketch import SketchRule
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -200,26 +202,30 @@ class InputMLPStep:
     only those of ``a``. ``kept_share`` is the share of MLP weights read."""
 
     def __init__(self, ml: MLPLayer, rule: InputRule, dtype: torch.dtype = torch.float32):
-        rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
-        biases = [ml.b_gate, ml.b_up] if ml.gated else [ml.b_up]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([torch.zeros(ml.d_ff) if b is None else b.detach().float() for b in biases])
-        sc = rule.scales
-        self.inp = InputLinearStep(torch.cat([r.detach() for r in rows]), bias, rule.thresholds["mlp"],
-                                   sc.get("mlp"), dtype)
-        self.down = InputLinearStep(ml.w_down, ml.b_down, rule.thresholds["down"], sc.get("down"), dtype)
+        th, sc = rule.thresholds, rule.scales
+        if "gate_up" in th or not ml.gated:   # one input projection (fused gate_up, or fc1)
+            role = "gate_up" if "gate_up" in th else "up"
+            rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
+            biases = [ml.b_gate, ml.b_up] if ml.gated else [ml.b_up]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([torch.zeros(ml.d_ff) if b is None else b.detach().float() for b in biases])
+            self.ins = [InputLinearStep(torch.cat([r.detach() for r in rows]), bias, th[role], sc.get(role), dtype)]
+        else:   # gate and up, each with its own threshold
+            self.ins = [InputLinearStep(ml.w_gate, ml.b_gate, th["gate"], sc.get("gate"), dtype),
+                        InputLinearStep(ml.w_up, ml.b_up, th["up"], sc.get("up"), dtype)]
+        self.down = InputLinearStep(ml.w_down, ml.b_down, th["down"], sc.get("down"), dtype)
         self.act = activation_fn(activation_kind(ml.act))
         self.gated, self.d_ff = ml.gated, ml.d_ff
         self.kept = ml.d_ff
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
+        h = [step(x) for step in self.ins]
         if self.gated:
-            g, u = h.split(self.d_ff, dim=-1)
+            g, u = h if len(h) == 2 else h[0].split(self.d_ff, dim=-1)
             a = self.act(g) * u
         else:
-            a = self.act(h)
+            a = self.act(h[0])
         return self.down(a.contiguous())
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +239,7 @@ class InputMLPStep:
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return self.inp.nbytes + self.down.nbytes
+        return sum(step.nbytes for step in self.ins) + self.down.nbytes
 
     @property
     def kept_share(self) -> float:
@@ -242,15 +248,14 @@ class InputMLPStep:
 
     def bytes_per_token(self) -> float:
         """Mean weight bytes read per decoded token."""
-        return self.inp.bytes_per_token() + self.down.bytes_per_token()
+        return sum(step.bytes_per_token() for step in self.ins) + self.down.bytes_per_token()
 
 
 def check_decodable(method_name: str, sparsity: float = 0.5) -> None:
     """One-line MoyuError if ``method_name`` has no decode path in the lean runtime."""
-    get_method(method_name)
-    if method_name == "oracle" and sparsity > 0:
-        raise MoyuError("oracle computes every neuron to pick the best: it is the quality "
-                        "ceiling and has no speed path; bench another method")
+    method = get_method(method_name)
+    if method.no_decode and sparsity > 0:
+        raise MoyuError(method.no_decode)
 
 
 def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32
@@ -284,8 +289,8 @@ def mlp_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.f
 def linear_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torch.float32):
     """The runtime's ``linear_factory`` for input-sparsity methods (TEAL / WINA), else None.
 
-    Attention projections get an :class:`InputLinearStep` with the layer's ``attn`` (q, k,
-    v) or ``o`` threshold; the lm_head and everything else stay dense.
+    Attention projections get an :class:`InputLinearStep` with their own threshold (q, k,
+    v or fused qkv, o); the lm_head and everything else stay dense.
     """
     method = get_method(profile.method)
     if method.granularity != "input":
@@ -298,8 +303,7 @@ def linear_factory(model: nn.Module, profile: Profile, dtype: torch.dtype = torc
         rule = rules[index]
         if rule is None or role not in ("q", "k", "v", "qkv", "o"):
             return DenseLinear(weight, bias, dtype)
-        group = "o" if role == "o" else "attn"
-        return InputLinearStep(weight, bias, rule.thresholds[group], rule.scales.get(group), dtype)
+        return InputLinearStep(weight, bias, rule.thresholds[role], rule.scales.get(role), dtype)
     return make
 
 
