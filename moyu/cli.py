@@ -114,21 +114,11 @@ def add_method_args(p: argparse.ArgumentParser, profile: bool = True) -> None:
 
 
 def method_options(method: str, pairs: list[str]) -> dict:
-    """``--option KEY=VALUE`` pairs as typed method parameters (typed like the defaults)."""
+    """``--option KEY=VALUE`` pairs as typed, validated method options (from the method's
+    options dataclass: unknown keys and bad values fail in one line)."""
     from .methods import get_method
-    known = get_method(method).options
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in known:
-            raise MoyuError(f"bad --option '{pair}': method '{method}' takes "
-                            f"{', '.join(f'{k}=...' for k in known)}")
-        kind = type(known[key])
-        try:
-            out[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
-        except ValueError:
-            raise MoyuError(f"bad --option '{pair}': {key} must be a {kind.__name__}") from None
-    return out
+    from .methods.options import parse_pairs
+    return parse_pairs(get_method(method).Options, method, pairs)
 
 
 def make_profile(args: argparse.Namespace, model, tok):
@@ -188,14 +178,18 @@ def _configure_methods(p: argparse.ArgumentParser) -> None:
 @options(_configure_methods)
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
+    from .methods.options import describe
+    from .runtime import decodable
     rows = [{"name": m.name, "granularity": m.granularity, "needs_gate": m.needs_gate,
-             "summary": m.summary, "options": m.options} for m in METHODS.values()]
+             "decodable": decodable(m.name), "summary": m.summary, "options": describe(m.Options)}
+            for m in METHODS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['name']:<8} {r['granularity']:<9} {r['summary']}")
-            print(f"{'':<18} options: {', '.join(f'{k}={v}' for k, v in r['options'].items())}")
+            print(f"{r['name']:<13} {r['granularity']:<9} {r['summary']}")
+            print(f"{'':<23} options: "
+                  f"{', '.join(f'{o['name']}={o['default']} ({o['type']})' for o in r['options'])}")
     return 0
 
 

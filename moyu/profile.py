@@ -43,6 +43,13 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @dataclass
 class Profile:
     """A calibrated dynamic-activation method for one model."""
@@ -53,6 +60,7 @@ class Profile:
     model: dict[str, Any]                    # :func:`fingerprint` of the model
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     calib: dict[str, Any] = field(default_factory=dict)   # achieved sparsity etc. on calibration text
+    config_version: int = 1                  # the method's options/tensors layout version
 
     def layer(self, i: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of layer ``i``."""
@@ -79,7 +87,8 @@ class Profile:
 
         path = Path(path)
         meta = {"format": FORMAT_VERSION, "method": self.method, "target": self.target,
-                "params": self.params, "model": self.model, "calib": self.calib}
+                "params": self.params, "model": self.model, "calib": self.calib,
+                "config_version": self.config_version}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -89,6 +98,7 @@ class Profile:
         try:
             tensors = {k: v.contiguous() for k, v in self.tensors.items()}
             save_file(tensors, tmp, metadata={"moyu": json.dumps(meta)})
+            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would survive the rename
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -110,7 +120,8 @@ class Profile:
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {meta.get('format')}")
             return cls(method=meta["method"], target=meta["target"], params=meta["params"],
-                       model=meta["model"], tensors=tensors, calib=meta.get("calib", {}))
+                       model=meta["model"], tensors=tensors, calib=meta.get("calib", {}),
+                       config_version=int(meta.get("config_version", 1)))
         except MoyuError:
             raise
         except Exception as e:

@@ -226,8 +226,15 @@ def test_method_options_are_typed_and_checked():
         "allocation": "uniform", "per_window": 8}
     with pytest.raises(cli.MoyuError, match="takes .*allocation="):
         cli.method_options("teal", ["alloc=uniform"])
-    with pytest.raises(cli.MoyuError, match="per_window must be a int"):
+    with pytest.raises(cli.MoyuError, match="per_window='many' for method 'cats': must be an int"):
         cli.method_options("cats", ["per_window=many"])
+    with pytest.raises(cli.MoyuError, match="allowed values are greedy, uniform"):
+        cli.method_options("teal", ["allocation=zzz"])
+    with pytest.raises(cli.MoyuError, match="allowed values are l2, max, griffin"):
+        cli.method_options("tda", ["norm=l3"])
+    with pytest.raises(cli.MoyuError, match="must be >= 1"):
+        cli.method_options("sketch", ["per_window=0"])
+    assert cli.method_options("dejavu", ["lr=0.01", "rank=4"]) == {"lr": 0.01, "rank": 4}
 
 
 def test_steady_allocator_applies_on_glibc():

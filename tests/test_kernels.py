@@ -324,7 +324,7 @@ def test_backends_agree(dtype, monkeypatch):
 
 def _sketch(mlp: Mlp, packed: PackedMLP):
     """int8 per-row sketch of packed w_in, in the layout the sketch kernels take."""
-    from moyu.methods.native import quantize_rows
+    from moyu.methods.sketch import quantize_rows
     d_ff, r, d = packed.w_in.shape
     codes, scales = quantize_rows(packed.w_in.float().reshape(d_ff * r, d))
     return codes.reshape(d_ff, r, d), scales.reshape(d_ff, r).contiguous(), packed.b_in

@@ -2,6 +2,9 @@
 
 ``calibrate(model, tok, method=..., sparsity=...)`` returns a :class:`~moyu.profile.Profile`;
 ``sparsify(model, profile)`` returns a reversible context manager that applies it.
+
+One module per method (its rule classes, its options dataclass, its :class:`Method`),
+each registering itself with :func:`register` when imported below.
 """
 from __future__ import annotations
 
@@ -14,23 +17,10 @@ from ..errors import MoyuError
 from ..evaluate import Windows
 from ..profile import Profile
 from .base import Sparsifier, check_sparsity
-from .catalog import Cats, Cett, Dense, Griffin, Method, Oracle, Relu, Tda, Teal, Wina
+from .method import METHODS, Method, get_method, register
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Dense(), Oracle(), Cats(), Teal(), Wina(), Griffin(), Tda(), Cett(), Relu())}
-
-
-def register(method: Method) -> Method:
-    """Add a method to the registry (used by the learned and moyu-native methods)."""
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    """The method called ``name``; one-line error listing the known ones."""
-    if name not in METHODS:
-        raise MoyuError(f"unknown method '{name}': known methods are {', '.join(METHODS)}")
-    return METHODS[name]
+# Registration order is the order `moyu methods` lists them in.
+from . import dense, oracle, cats, teal, griffin, tda, cett, relu, static, dejavu, moe, sketch  # noqa: E402,F401,I001
 
 
 def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None) -> torch.Tensor:
@@ -85,9 +75,5 @@ def sparsify(model: nn.Module, profile: Profile) -> Sparsifier:
     """A reversible context manager applying ``profile`` to ``model`` (checked to match)."""
     return get_method(profile.method).build(model, profile)
 
-
-# Methods with trained parts register themselves on import.
-from . import learned  # noqa: E402,F401
-from . import native  # noqa: E402,F401
 
 __all__ = ["METHODS", "Method", "Sparsifier", "calibrate", "sparsify", "get_method", "register"]

@@ -11,7 +11,11 @@ Two kinds of rules:
   exactly what computing only the kept gate/up rows and down columns gives.
   Token-level rules decide per position; sequence-level rules decide once from the
   prompt and keep that set for every later position of the sequence.
-* :class:`InputRule` zeroes input channels of every linear (TEAL / WINA style).
+* :class:`InputRule` zeroes input channels of every linear (TEAL / WINA style), each
+  projection (q, k, v, o, gate, up, down; fused qkv / gate_up) with its own threshold.
+
+Rules hold only their own parameters (thresholds, norms, activation kind, ...), never the
+model: the runtime builds decode steps from them after the HF model is gone.
 
 Positions before the *dense prefix* run dense. With :meth:`Sparsifier.begin` the prefix
 is explicit (the evaluation protocol); without it, a forward of more than one token is
@@ -41,26 +45,42 @@ def check_sparsity(s: float) -> float:
 class LayerInputs:
     """What the hooks of one layer saw in the current forward (only what a rule asks for)."""
 
-    x: torch.Tensor | None = None   # MLP input [B, T, d]
-    g: torch.Tensor | None = None   # gate pre-activation [B, T, d_ff]
-    u: torch.Tensor | None = None   # up (fc1) output [B, T, d_ff], bias included
+    x: torch.Tensor | None = None       # MLP input [B, T, d]
+    g: torch.Tensor | None = None       # gate pre-activation [B, T, d_ff]
+    u: torch.Tensor | None = None       # up (fc1) output [B, T, d_ff], bias included
+    x_prev: torch.Tensor | None = None  # the previous layer's MLP input (lookahead predictors)
 
     def tail(self, p: int) -> "LayerInputs":
         """The same tensors from position ``p`` on."""
-        cut = (lambda t: None if t is None else t[:, p:])
-        return LayerInputs(cut(self.x), cut(self.g), cut(self.u))
+        return self.cut(slice(p, None))
+
+    def cut(self, sl: slice) -> "LayerInputs":
+        """The same tensors restricted to positions ``sl``."""
+        c = (lambda t: None if t is None else t[:, sl])
+        return LayerInputs(c(self.x), c(self.g), c(self.u), c(self.x_prev))
+
+
+def down_norms(ml: MLPLayer) -> torch.Tensor:
+    """||W_down[:, i]||_2 per neuron: what one unit of activation i adds to the output."""
+    return ml.down_norms()
+
+
+def act_kind(ml: MLPLayer) -> str:
+    """The layer's activation as a kernels' name (``silu``, ``gelu``, ``gelu_tanh``, ``relu``)."""
+    from ..kernels.packing import activation_kind
+    return activation_kind(ml.act)
 
 
 class NeuronRule:
-    """Per-layer choice of MLP neurons. Subclasses set ``needs`` and override one of the hooks."""
+    """Per-layer choice of MLP neurons. Subclasses set ``needs`` and override one of the hooks.
 
-    needs: frozenset[str] = frozenset()   # any of "x", "g", "u"
+    A rule holds only its own parameters; it never keeps a reference to the model.
+    """
+
+    needs: frozenset[str] = frozenset()   # any of "x", "g", "u", "x_prev"
     sequence: bool = False               # True: one set per sequence, chosen from the prompt
     full_reads: float = 0.0              # share of the MLP's bytes read for every token anyway
     kept_reads: float | None = None      # share read per kept neuron on top (None: 1 - full_reads)
-
-    def __init__(self, ml: MLPLayer):
-        self.ml = ml
 
     def mask(self, a: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
         """Token-level: boolean keep-mask shaped like ``a`` ([B, T, d_ff])."""
@@ -75,27 +95,43 @@ class NeuronRule:
         return a * keep.to(a.dtype)
 
 
+def projections(ml: MLPLayer) -> dict[str, nn.Module]:
+    """Every linear of a decoder layer by role: ``q``, ``k``, ``v`` (or fused ``qkv``), ``o``,
+    ``gate``, ``up`` (or fused ``gate_up``, Phi-3) and ``down``."""
+    out = dict(ml.attn_linears())
+    mlp = ml.mlp_linears()
+    if ml.spec.gate_up:
+        out["gate_up"] = mlp["up"]
+    else:
+        out.update({r: m for r, m in mlp.items() if r != "down"})
+    out["down"] = mlp["down"]
+    return out
+
+
+def projection_weight(ml: MLPLayer, role: str) -> torch.Tensor:
+    """The weight of projection ``role`` in ``nn.Linear`` layout ``[out, in]`` (float32)."""
+    w = projections(ml)[role].weight.detach().float()
+    return w.t() if ml.spec.conv1d else w
+
+
 class InputRule:
-    """Per-layer input-channel sparsity for every linear of a layer (TEAL / WINA)."""
+    """Per-layer input-channel sparsity for every linear of a layer (TEAL / WINA).
 
-    def __init__(self, ml: MLPLayer, thresholds: dict[str, float], scales: dict[str, torch.Tensor] | None = None):
-        self.ml = ml
-        self.thresholds = thresholds          # group -> tau
-        self.scales = scales or {}            # group -> per-channel factor (WINA: column norms)
+    Projection ``role`` keeps input channel j when ``|x_j| * scale_j > tau_role``
+    (``scale`` absent: 1). Roles are those of :func:`projections`; a negative ``tau``
+    leaves that projection dense.
+    """
 
-    def groups(self) -> dict[str, list[nn.Module]]:
-        """Linears grouped by shared input: ``attn`` (q/k/v), ``o``, ``mlp`` (gate/up), ``down``."""
-        lin = self.ml.attn_linears()
-        attn = [lin["qkv"]] if "qkv" in lin else [lin["q"], lin["k"], lin["v"]]
-        mlp = [m for r, m in self.ml.mlp_linears().items() if r != "down"]
-        return {"attn": attn, "o": [lin["o"]], "mlp": mlp, "down": [self.ml.down]}
+    def __init__(self, thresholds: dict[str, float], scales: dict[str, torch.Tensor] | None = None):
+        self.thresholds = dict(thresholds)    # role -> tau
+        self.scales = dict(scales or {})      # role -> per-channel factor (WINA: column norms)
 
-    def keep(self, group: str, x: torch.Tensor) -> torch.Tensor:
-        """Keep-mask of input channels of ``x`` for ``group``."""
+    def keep(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of input channels of ``x`` for projection ``role``."""
         score = x.abs()
-        if group in self.scales:
-            score = score * self.scales[group].to(x.dtype)
-        return score > self.thresholds[group]
+        if role in self.scales:
+            score = score * self.scales[role].to(x.dtype)
+        return score > self.thresholds[role]
 
 
 def out_features(mod: nn.Module, conv1d: bool) -> int:
@@ -201,6 +237,8 @@ class Sparsifier:
         for need, stream in (("x", "x"), ("g", "gate"), ("u", "up")):
             if need in rule.needs:
                 self._handles.append(ml.tap(stream, lambda t, need=need: setattr(inp, need, t)))
+        if "x_prev" in rule.needs:   # lookahead: the previous layer's MLP input (layer 0: its own)
+            self._handles.append(self.layers[max(i - 1, 0)].tap("x", lambda t: setattr(inp, "x_prev", t)))
 
         d, dff = ml.w_up.shape[1], ml.d_ff
         mlp_params = dff * d * (3 if ml.gated else 2)
@@ -212,8 +250,7 @@ class Sparsifier:
             t = a.shape[1]
             p = self._dense_prefix(i, t)
             if rule.sequence and p > 0:
-                self._sets[i] = rule.choose(a[:, :p], LayerInputs(
-                    *(None if v is None else v[:, :p] for v in (inp.x, inp.g, inp.u))))
+                self._sets[i] = rule.choose(a[:, :p], inp.cut(slice(None, p)))
             if p >= t:
                 return None
             tail_inp = inp.tail(p)
@@ -240,35 +277,34 @@ class Sparsifier:
 
     def _install_input(self, i: int, ml: MLPLayer, rule: InputRule) -> None:
         conv1d = ml.spec.conv1d
-        for group, mods in rule.groups().items():
-            for mod in mods:
-                outf = out_features(mod, conv1d)
+        for role, mod in projections(ml).items():
+            outf = out_features(mod, conv1d)
 
-                def pre(_m, args, group=group, outf=outf, first=(mod is mods[0])):
-                    x = args[0]
-                    squeeze = x.dim() == 2
-                    if squeeze:
-                        x = x[None]
-                    t = x.shape[1]
-                    # Each linear of a group sees the same input; only the first advances the
-                    # auto-mode prefill state, the others reuse its decision.
-                    if first and group == "attn":
-                        self._p_cache[i] = self._dense_prefix(i, t)
-                    p = self._p_cache[i] if self.prompt_len is None else min(self.prompt_len, t)
-                    if p >= t:
-                        return None
-                    keep = rule.keep(group, x[:, p:])
-                    # counted in weights (a channel of a wide linear skips more bytes)
-                    c = self.counters[i]
-                    n_keep = float(keep.sum())
-                    c.kept += n_keep * outf
-                    c.total += keep.numel() * outf
-                    c.skipped_bytes += (keep.numel() - n_keep) * outf
-                    tail = x[:, p:] * keep.to(x.dtype)
-                    out = torch.cat([x[:, :p], tail], 1) if p else tail
-                    return (out[0] if squeeze else out,)
+            def pre(_m, args, role=role, outf=outf):
+                x = args[0]
+                squeeze = x.dim() == 2
+                if squeeze:
+                    x = x[None]
+                t = x.shape[1]
+                # The first projection of the layer advances the auto-mode prefill state;
+                # the later ones reuse its decision.
+                if role in ("q", "qkv"):
+                    self._p_cache[i] = self._dense_prefix(i, t)
+                p = self._p_cache[i] if self.prompt_len is None else min(self.prompt_len, t)
+                if p >= t:
+                    return None
+                keep = rule.keep(role, x[:, p:])
+                # counted in weights (a channel of a wide linear skips more bytes)
+                c = self.counters[i]
+                n_keep = float(keep.sum())
+                c.kept += n_keep * outf
+                c.total += keep.numel() * outf
+                c.skipped_bytes += (keep.numel() - n_keep) * outf
+                tail = x[:, p:] * keep.to(x.dtype)
+                out = torch.cat([x[:, :p], tail], 1) if p else tail
+                return (out[0] if squeeze else out,)
 
-                self._handles.append(mod.register_forward_pre_hook(pre))
+            self._handles.append(mod.register_forward_pre_hook(pre))
 
 
 def _layer_linear_params(ml: MLPLayer) -> int:

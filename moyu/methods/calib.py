@@ -97,6 +97,31 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
     return out
 
 
+def block_inputs(model: nn.Module, ids: torch.Tensor, windows: Windows, n_windows: int
+                 ) -> list[list[tuple[tuple, dict]]]:
+    """Per decoder layer, the positional and keyword arguments of its call on each of the
+    first ``n_windows`` calibration windows (dense model), to replay the layer alone."""
+    layers = mlp_layers(model)
+    starts = calib_starts(len(ids), windows, n_windows)
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def grab(i):
+        def pre(_m, args, kwargs):
+            keep = (lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            calls[i].append((tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
+        return pre
+
+    handles = [ml.layer.register_forward_pre_hook(grab(ml.index), with_kwargs=True) for ml in layers]
+    try:
+        with torch.inference_mode():
+            for s in starts:
+                model(ids[s: s + windows.prompt + windows.scored][None], logits_to_keep=1, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def quantile(values: torch.Tensor, q: float) -> float:
     """Exact q-quantile of a tensor of any size (sorts; torch.quantile caps the input size)."""
     flat = values.reshape(-1).float()

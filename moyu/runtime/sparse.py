@@ -46,14 +46,6 @@ def step_builder(rule_type: type) -> StepBuilder | None:
     return None
 
 
-def own(rule: NeuronRule) -> NeuronRule:
-    """The runtime's private rule instance, cut loose from the HF layer it was built from
-    (the decode-time tests it runs need only its own parameters), so the HF model can go."""
-    if getattr(rule, "ml", None) is not None:
-        rule.ml = None
-    return rule
-
-
 def _nbytes(*tensors: Tensor | None) -> int:
     return sum(t.nbytes for t in tensors if t is not None)
 
@@ -63,7 +55,7 @@ class IndexStep(DenseMLPStep):
 
     def __init__(self, layer: MLPLayer, rule: NeuronRule, fmt: WeightFormat):
         super().__init__(layer, fmt)
-        self.rule, self.d_ff = own(rule), layer.d_ff
+        self.rule, self.d_ff = rule, layer.d_ff
         self.selector_bytes = _nbytes(*(getattr(rule, n, None) for n in ("a", "b", "w", "bias")))
 
     @property
@@ -152,7 +144,7 @@ class PromptStep(DenseMLPStep):
 
     def __init__(self, layer: MLPLayer, rule: NeuronRule, fmt: WeightFormat):
         super().__init__(layer, fmt)
-        self.rule = own(rule)
+        self.rule = rule
         self.sliced: PackedMLP | None = None
         self.slice_seconds = 0.0
 
@@ -263,16 +255,41 @@ class InputMLPStep:
         return sum(s.bytes_per_token() for s in self.lin.values())
 
 
+class StaticStep(DenseMLPStep):
+    """``static``: one fixed neuron set per layer, sliced out of the weights once."""
+
+    def __init__(self, layer: MLPLayer, rule: NeuronRule, fmt: WeightFormat):
+        super().__init__(layer, fmt)
+        self.sliced = self.packed.slice(rule.keep.nonzero().squeeze(1))
+
+    def decode(self, x: Tensor) -> Tensor:
+        self.count(self.sliced.d_ff)
+        return self.kernels.mlp(x, self.sliced, None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the full packed MLP (prefill is dense) and the kept slice."""
+        return self.packed.nbytes + self.sliced.nbytes
+
+    def bytes_per_token(self) -> float:
+        return self.sliced.nbytes
+
+
 def _register_builtin_steps() -> None:
-    """Decode paths of the built-in rules (oracle's top-k needs every activation: none)."""
-    from ..methods.learned import PredictorRule, RouterRule
-    from ..methods.native import SketchRule
-    from ..methods.sequence import PromptTopKRule
-    from ..methods.token import GateThresholdRule, ReluRule
+    """Decode paths of the built-in rules. None for oracle (its top-k needs every
+    activation) nor for dejavu's lookahead predictor (it reads the previous layer's input)."""
+    from ..methods.cats import GateThresholdRule
+    from ..methods.dejavu import PredictorRule
+    from ..methods.griffin import PromptTopKRule
+    from ..methods.moe import RouterRule
+    from ..methods.relu import ReluRule
+    from ..methods.sketch import SketchRule
+    from ..methods.static import StaticRule
 
     register_step(PredictorRule, RouterRule)(IndexStep)
     register_step(SketchRule)(SketchStep)
     register_step(PromptTopKRule)(PromptStep)
+    register_step(StaticRule)(StaticStep)
     register_step(GateThresholdRule)(lambda layer, rule, fmt: ThresholdStep(layer, rule.tau, False, fmt))
     register_step(ReluRule)(lambda layer, rule, fmt: ThresholdStep(layer, rule.tau, True, fmt))
     register_step(InputRule)(InputMLPStep)

@@ -17,14 +17,15 @@ Plain (non-gated) MLPs use the same idea on ``act(fc1 . x)``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..arch import MLPLayer
-from . import register
 from . import calib as C
-from .base import LayerInputs, NeuronRule
-from .catalog import Method
-from .token import down_norms
+from .base import LayerInputs, NeuronRule, act_kind, down_norms
+from .method import Method, register
+from .options import CalibOptions
 
 
 def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +44,7 @@ class Sketch:
     """
 
     def __init__(self, ml: MLPLayer):
-        from ..kernels.packing import activation_id, activation_kind
-        self.ml = ml
+        from ..kernels.packing import activation_id
         rows = [ml.w_gate, ml.w_up] if ml.gated else [ml.w_up]
         w = torch.stack([r.detach().float() for r in rows], 1)            # [d_ff, r, d]
         d_ff, r, d = w.shape
@@ -57,7 +57,7 @@ class Sketch:
             self.bias = torch.stack([torch.zeros(d_ff) if b is None else b.detach().float()
                                      for b in bias], 1).contiguous()
         self.down_norm = down_norms(ml).float().contiguous()
-        self.act_id = activation_id(activation_kind(ml.act))
+        self.act_id = activation_id(act_kind(ml))
 
     @property
     def nbytes(self) -> int:
@@ -84,16 +84,18 @@ class SketchRule(NeuronRule):
 
     ``reuse=False``: the kept neurons are computed exactly. ``reuse=True``: the sketch's
     own estimate ``a~`` is used for them, so decode reads only their down columns.
+    Parameters: ``sketch`` (:class:`Sketch`: codes, scales, bias, down_norm, act_id),
+    ``tau``, ``reuse``, ``gated``.
     """
 
     needs = frozenset({"x"})
 
-    def __init__(self, ml: MLPLayer, tau: float, reuse: bool = False):
-        super().__init__(ml)
-        self.sketch = Sketch(ml)
+    def __init__(self, sketch: Sketch, tau: float, reuse: bool = False, gated: bool = True):
+        self.sketch = sketch
         self.tau = float(tau)
         self.reuse = reuse
-        parts = 3 if ml.gated else 2
+        self.gated = gated
+        parts = 3 if gated else 2
         # read for every token: the int8 sketch of gate+up (or fc1), relative to fp32 weights
         self.full_reads = (parts - 1) / parts / 4
         # read for each kept neuron: all of its fp32 weights, or only its down column
@@ -112,16 +114,21 @@ class SketchRule(NeuronRule):
         return (est * keep).to(a.dtype)
 
 
+@dataclass(frozen=True)
+class SketchOptions(CalibOptions):
+    per_window: int = field(default=32, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+
+
 class SketchMethod(Method):
     rule_type = SketchRule
     name = "sketch"
     summary = ("moyu's own: per token, score every neuron from an int8 sketch of gate/up, keep "
                "|act(g~)*u~|*||W_down col|| > tau_l, compute only those exactly")
     streams = {"x"}
-    defaults = {"per_window": 32}
+    Options = SketchOptions
     reuse = False
 
-    def fit_layer(self, prof, ml, samples, target, params):
+    def fit_layer(self, prof, ml, samples, target, opts):
         s = target["sparsity"]
         score = Sketch(ml).scores(samples.cat("x", ml.index))
         tau = C.quantile(score, s) if s > 0 else -1.0
@@ -130,7 +137,7 @@ class SketchMethod(Method):
 
     def neuron_rule(self, prof, ml):
         tau = float(prof.layer(ml.index, "tau"))
-        return None if tau < 0 else SketchRule(ml, tau, reuse=self.reuse)
+        return None if tau < 0 else SketchRule(Sketch(ml), tau, reuse=self.reuse, gated=ml.gated)
 
 
 class SketchReuseMethod(SketchMethod):

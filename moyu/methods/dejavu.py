@@ -1,0 +1,197 @@
+"""Deja Vu: per token, a small predictor chooses the MLP neurons before the MLP runs.
+
+* ``dejavu`` follows the authors' code (FMInference/DejaVu, ``sparse_predictor/``): a
+  two-layer predictor ``d -> r -> d_ff`` (two bias-free linears, no nonlinearity between:
+  the paper calls it a two-layer network, the code has none) trained as a per-neuron
+  classifier with the code's weighted binary cross-entropy (AdamW, 20 epochs, lr 1e-3),
+  fed one layer ahead (lookahead: layer l's set is predicted from layer l-1's MLP input,
+  so it can run before layer l; layer 0 uses its own input). The code labels a neuron
+  active when its ReLU output is > 0; these SiLU/GELU models have no exact zeros, so a
+  neuron is labelled active when its contribution ``|a_i| * ||W_down[:, i]||`` is above
+  the layer's calibration quantile at the target sparsity. Top-k of the logits runs.
+* ``dejavu-linear`` (moyu's earlier, RODA-style variant): a rank-r linear map from the
+  current MLP input to every neuron's contribution (reduced-rank ridge, closed form).
+
+Both are trained on CPU in seconds from calibration activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import LayerInputs, NeuronRule, down_norms
+from .calib import quantile
+from .method import Method, keep_count, register
+from .options import CalibOptions
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression with intercept: returns (W [d, k], b [k]) minimising ||xW + b - y||^2 + lam||W||^2."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = (x - xm).double(), (y - ym).double()
+    gram = xc.t() @ xc
+    gram += lam * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, xc.t() @ yc)
+    return w.float(), (ym - xm @ w.float())
+
+
+def reduced_rank(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ridge predictor ``(x @ A) @ B + b`` via SVD of the full fit's predictions."""
+    w, b = ridge(x, y)
+    fitted = (x - x.mean(0)) @ w
+    _, _, vh = torch.linalg.svd(fitted, full_matrices=False)
+    v = vh[:rank].t()                    # [k, r]: top output directions
+    return w @ v, v.t().contiguous(), b  # A [d, r], B [r, k]
+
+
+def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
+    return keep
+
+
+def _mlp_bytes(d: int, d_ff: int, gated: bool) -> int:
+    return d_ff * d * (3 if gated else 2)
+
+
+class PredictorRule(NeuronRule):
+    """Top-k of a low-rank linear prediction ``(x @ a) @ b + bias`` of every neuron's contribution.
+
+    Parameters: ``k``, ``a`` [d, r], ``b`` [r, d_ff], ``bias`` [d_ff]; input: the MLP input ``x``.
+    """
+
+    needs = frozenset({"x"})
+
+    def __init__(self, k: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, gated: bool):
+        self.k, self.a, self.b, self.bias = int(k), a, b, bias
+        d, r = a.shape
+        d_ff = b.shape[1]
+        # predictor bytes relative to the MLP's, read every token
+        self.full_reads = r * (d + d_ff) / _mlp_bytes(d, d_ff, gated)
+
+    def mask(self, act: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        return _topk_mask((inp.x.float() @ self.a) @ self.b + self.bias, self.k)
+
+
+class LookaheadPredictorRule(NeuronRule):
+    """Deja Vu: top-k of ``(x_prev @ w1) @ w2``, from the previous layer's MLP input.
+
+    Parameters: ``k``, ``w1`` [d, r], ``w2`` [r, d_ff]; input: ``x_prev`` (layer l-1's
+    MLP input; layer 0: its own).
+    """
+
+    needs = frozenset({"x_prev"})
+
+    def __init__(self, k: int, w1: torch.Tensor, w2: torch.Tensor, gated: bool):
+        self.k, self.w1, self.w2 = int(k), w1, w2
+        d, r = w1.shape
+        d_ff = w2.shape[1]
+        self.full_reads = r * (d + d_ff) / _mlp_bytes(d, d_ff, gated)
+
+    def logits(self, x_prev: torch.Tensor) -> torch.Tensor:
+        """Per-neuron logits (the classifier's "active" score)."""
+        return (x_prev.float() @ self.w1) @ self.w2
+
+    def mask(self, act: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
+        return _topk_mask(self.logits(inp.x_prev), self.k)
+
+
+def fit_classifier(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int = 20,
+                   lr: float = 1e-3, batch: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train Deja Vu's predictor ``x -> r -> d_ff`` on ``labels`` (0/1) with its weighted BCE.
+
+    The loss weights positives by ``1 - w`` and negatives by ``w``, ``w`` = share of
+    positives + 0.005 (as in the authors' trainer); AdamW, weight decay 0.01.
+    Returns ``(w1 [d, r], w2 [r, d_ff])``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    d, d_ff = x.shape[1], labels.shape[1]
+    net = torch.nn.Sequential(torch.nn.Linear(d, rank, bias=False), torch.nn.Linear(rank, d_ff, bias=False))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    x, y = x.float(), labels.float()
+    with torch.enable_grad(), torch.inference_mode(False):
+        x, y = x.clone(), y.clone()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(batch):
+                yb = y[idx]
+                w = yb.mean() + 0.005
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    net(x[idx]), yb, weight=yb * (1 - w) + w)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return net[0].weight.detach().t().contiguous(), net[1].weight.detach().t().contiguous()
+
+
+@dataclass(frozen=True)
+class DejavuOptions(CalibOptions):
+    per_window: int = field(default=128, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    rank: int = field(default=128, metadata={"min": 1, "help": "predictor hidden width r"})
+    epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs over the calibration samples"})
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "help": "AdamW learning rate"})
+
+
+class DejaVu(Method):
+    rule_type = LookaheadPredictorRule
+    name = "dejavu"
+    summary = ("per token, top-k of Deja Vu's two-layer predictor (d -> r -> d_ff classifier, weighted "
+               "BCE) fed from the previous layer's MLP input (lookahead)")
+    streams = {"x", "a"}
+    Options = DejavuOptions
+    version = 2   # v1 was the linear ridge predictor, now `dejavu-linear`
+
+    def fit_layer(self, prof, ml, samples, target, opts):
+        s = target["sparsity"]
+        if s == 0:
+            return 0.0
+        x = samples.cat("x", max(ml.index - 1, 0))
+        contrib = samples.cat("a", ml.index).abs() * down_norms(ml)
+        labels = contrib > quantile(contrib, s)
+        w1, w2 = fit_classifier(x, labels, min(opts.rank, ml.d_ff), opts.epochs, opts.lr)
+        prof.set_layer(ml.index, "w1", w1)
+        prof.set_layer(ml.index, "w2", w2)
+        return float(s)
+
+    def neuron_rule(self, prof, ml):
+        s = prof.target.get("sparsity", 0.0)
+        if s == 0:
+            return None
+        return LookaheadPredictorRule(keep_count(ml, s), prof.layer(ml.index, "w1"),
+                                      prof.layer(ml.index, "w2"), ml.gated)
+
+
+@dataclass(frozen=True)
+class DejavuLinearOptions(CalibOptions):
+    per_window: int = field(default=128, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    rank: int = field(default=128, metadata={"min": 1, "help": "rank r of the linear predictor"})
+
+
+class DejaVuLinear(Method):
+    rule_type = PredictorRule
+    name = "dejavu-linear"
+    summary = "per token, top-k of a rank-r linear predictor x -> neuron contributions (reduced-rank ridge)"
+    streams = {"x", "a"}
+    Options = DejavuLinearOptions
+
+    def fit_layer(self, prof, ml, samples, target, opts):
+        x, a = samples.cat("x", ml.index), samples.cat("a", ml.index)
+        y = a.abs() * down_norms(ml)
+        pa, pb, bias = reduced_rank(x, y, min(opts.rank, x.shape[1]))
+        for name, t in (("A", pa), ("B", pb), ("bias", bias)):
+            prof.set_layer(ml.index, name, t)
+        return float(target["sparsity"])
+
+    def neuron_rule(self, prof, ml):
+        s = prof.target.get("sparsity", 0.0)
+        if s == 0:
+            return None
+        i = ml.index
+        return PredictorRule(keep_count(ml, s), prof.layer(i, "A"), prof.layer(i, "B"),
+                             prof.layer(i, "bias"), ml.gated)
+
+
+register(DejaVu())
+register(DejaVuLinear())

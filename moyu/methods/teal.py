@@ -1,0 +1,213 @@
+"""``teal`` and ``wina``: input sparsity, every projection of a layer with its own threshold.
+
+Each linear (q, k, v, o, gate, up, down; fused qkv / gate_up where the model fuses them)
+zeroes the input channels whose score is below its threshold, so a decoded token reads
+only the kept weight columns. TEAL scores a channel by ``|x_j|``; WINA by
+``|x_j| * ||W[:, j]||_2`` on the projections where its reference code applies the
+column norm (see :data:`WINA_SCALED`).
+
+Allocation follows TEAL's ``greedyopt.py`` (FasterDecoding/TEAL): per layer, start dense
+and repeatedly raise the sparsity of the one projection whose step costs the least
+error of the *whole decoder block's output* (the block replayed on calibration windows
+with every projection's current threshold), each projection stepping by
+``step * d^2 / its size`` so that every step adds the same share of the block's weights.
+Thresholds are quantiles of each projection's calibration input scores. Deviations
+(documented in docs/methods.md): the last step is trimmed so the block lands exactly on
+the target, the error is measured on the scored positions of moyu's windows (prompt
+positions stay dense, as in evaluation), and the default step is coarser than TEAL's
+(0.05) to fit a CPU. ``allocation="uniform"`` gives every projection the target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..arch import MLPLayer
+from . import calib as C
+from .base import InputRule, projection_weight, projections
+from .method import Method, register
+from .options import CalibOptions
+
+# calibration stream holding each projection's input
+ROLE_STREAM = {"q": "xa", "k": "xa", "v": "xa", "qkv": "xa", "o": "xo",
+               "gate": "x", "up": "x", "gate_up": "x", "down": "a"}
+# where microsoft/wina multiplies |x| by the weight's column norms (wina/self_attn.py,
+# wina/mlp.py): k and gate (fused qkv and gate_up on Phi); q, v, o, up, down unscaled.
+# Plain MLPs (no gate) are outside the reference: moyu scales their fc1, the gate's analogue.
+WINA_SCALED = {"k", "qkv", "gate", "gate_up"}
+
+
+def roles(ml: MLPLayer) -> list[str]:
+    """The layer's projection roles, in block order."""
+    return list(projections(ml))
+
+
+def role_sizes(ml: MLPLayer) -> dict[str, int]:
+    """Weights per projection."""
+    return {r: m.weight.numel() for r, m in projections(ml).items()}
+
+
+def wina_scales(ml: MLPLayer) -> dict[str, torch.Tensor]:
+    """WINA's per-input-channel factor ``||W[:, j]||_2`` for the projections it scales."""
+    rs = roles(ml)
+    scaled = {r for r in rs if r in WINA_SCALED}
+    if not ml.gated:
+        scaled.add("up")
+    return {r: projection_weight(ml, r).norm(dim=0) for r in rs if r in scaled}
+
+
+class SortedScores:
+    """A projection's calibration input scores, sorted once: quantiles by lookup."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.sorted = scores.reshape(-1).float().sort().values
+
+    def tau(self, level: float) -> float:
+        """Threshold dropping a share ``level`` of the scores (``level <= 0``: -1, dense)."""
+        if level <= 0:
+            return -1.0
+        n = self.sorted.numel()
+        k = min(max(int(round(min(level, 1.0) * (n - 1))), 0), n - 1)
+        return float(self.sorted[k])
+
+
+class BlockReplay:
+    """One decoder layer run again on captured calibration inputs, with per-projection thresholds.
+
+    The error of a set of thresholds is TEAL's: the L2 norm over the scored positions of
+    the difference to the dense block output, averaged over channels and summed over windows.
+    """
+
+    def __init__(self, ml: MLPLayer, calls: list[tuple[tuple, dict]], prompt: int,
+                 scales: dict[str, torch.Tensor]):
+        self.ml, self.calls, self.p, self.scales = ml, calls, prompt, scales
+        self.mods = projections(ml)
+        self.taus: dict[str, float] = {}
+        self.dense = [self._run(c) for c in calls]
+
+    def _run(self, call: tuple[tuple, dict]) -> torch.Tensor:
+        out = self.ml.layer(*call[0], **call[1])
+        return (out[0] if isinstance(out, tuple) else out)[..., self.p:, :].float()
+
+    def error(self, taus: dict[str, float]) -> float:
+        """Block output error with thresholds ``taus`` (role -> tau; missing or < 0: dense)."""
+        self.taus = taus
+        handles = [m.register_forward_pre_hook(self._mask(r)) for r, m in self.mods.items()
+                   if taus.get(r, -1.0) >= 0]
+        try:
+            with torch.inference_mode():
+                return sum(float((self._run(c) - d).norm(dim=-2).mean())
+                           for c, d in zip(self.calls, self.dense))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _mask(self, role: str):
+        scale = self.scales.get(role)
+
+        def pre(_m, args):
+            x = args[0]
+            tail = x[..., self.p:, :]
+            score = tail.abs() if scale is None else tail.abs() * scale
+            tail = tail * (score > self.taus[role]).to(x.dtype)
+            return (torch.cat([x[..., :self.p, :], tail], -2),)
+        return pre
+
+
+def greedy_levels(replay: BlockReplay, scores: dict[str, SortedScores], sizes: dict[str, int],
+                  target: float, step: float, ref: int) -> dict[str, float]:
+    """TEAL's greedy allocation of one block; returns each projection's sparsity level."""
+    total = sum(sizes.values())
+    steps = {r: step * ref / sizes[r] for r in sizes}
+    level = {r: 0.0 for r in sizes}
+
+    def effective(lv: dict[str, float]) -> float:
+        return sum(min(lv[r], 1.0) * sizes[r] for r in lv) / total
+
+    last = None
+    while effective(level) < target - 1e-9:
+        best, best_err = None, float("inf")
+        for r in level:
+            if level[r] >= 1.0:
+                continue
+            trial = {**level, r: min(level[r] + steps[r], 1.0)}
+            err = replay.error({q: scores[q].tau(v) for q, v in trial.items()})
+            if err < best_err:
+                best, best_err = r, err
+        if best is None:
+            break
+        level[best] = min(level[best] + steps[best], 1.0)
+        last = best
+    over = effective(level) - target
+    if last is not None and over > 0:   # trim the last step so the block lands on the target
+        level[last] = max(level[last] - over * total / sizes[last], 0.0)
+    return level
+
+
+@dataclass(frozen=True)
+class TealOptions(CalibOptions):
+    per_window: int = field(default=16, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    allocation: Literal["greedy", "uniform"] = field(default="greedy", metadata={
+        "help": "greedy (TEAL: by block output error) or uniform (every projection at the target)"})
+    step: float = field(default=0.2, metadata={
+        "min": 1e-3, "help": "greedy step of a d x d projection (TEAL's base step; others scale by size)"})
+    greedy_windows: int = field(default=2, metadata={
+        "min": 1, "help": "calibration windows the block is replayed on to measure its output error"})
+
+
+class Teal(Method):
+    rule_type = InputRule
+    name, granularity = "teal", "input"
+    summary = ("per token, zero input channels |x_j| < tau_p of every projection (q, k, v, o, gate, up, "
+               "down each its own); greedy allocation by block output error or uniform")
+    streams = {"x", "a", "xa", "xo"}
+    Options = TealOptions
+    version = 2   # v1 shared thresholds across q/k/v and gate/up
+    scaled = False
+
+    def scales(self, ml: MLPLayer) -> dict[str, torch.Tensor]:
+        """Per-projection channel factors of the score (TEAL: none)."""
+        return wina_scales(ml) if self.scaled else {}
+
+    def fit(self, prof, layers, samples, target, opts):
+        s = target["sparsity"]
+        calls = None
+        if opts.allocation == "greedy" and s > 0:
+            calls = C.block_inputs(self.model, self.ids, self.windows, opts.greedy_windows)
+        out = []
+        for ml in layers:
+            sc = self.scales(ml)
+            scores = {}
+            for r in roles(ml):
+                x = samples.cat(ROLE_STREAM[r], ml.index)
+                scores[r] = SortedScores(x.abs() * sc[r] if r in sc else x.abs())
+            sizes = role_sizes(ml)
+            if calls is None:
+                level = {r: s for r in scores}
+            else:
+                replay = BlockReplay(ml, calls[ml.index], self.windows.prompt, sc)
+                d = ml.w_up.shape[1]
+                level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
+            for r in scores:
+                prof.set_layer(ml.index, f"tau_{r}", torch.tensor(scores[r].tau(level[r])))
+            out.append(sum(level[r] * sizes[r] for r in sizes) / sum(sizes.values()))
+        return out
+
+    def input_rule(self, prof, ml):
+        taus = {r: float(prof.layer(ml.index, f"tau_{r}")) for r in roles(ml)}
+        if all(t < 0 for t in taus.values()):
+            return None
+        return InputRule(taus, self.scales(ml))
+
+
+class Wina(Teal):
+    name = "wina"
+    summary = ("like TEAL, scoring input channels by |x_j| * ||W[:, j]||_2 where microsoft/wina does "
+               "(k and gate; fused qkv and gate_up), |x_j| elsewhere")
+    scaled = True
+
+
+register(Teal())
+register(Wina())
