@@ -343,7 +343,8 @@ def test_fallback_equals_cpp(monkeypatch):
 
 @needs_cpp
 def test_multithreaded_chunks(monkeypatch):
-    """Several chunks with per-thread partial sums give the single-thread result."""
+    """Several chunks with per-thread partial sums give the single-thread result; software
+    prefetching changes no bit."""
     monkeypatch.setattr(quant_ops, "_impl", _CPP)
     mlp = QMlp("int8", "silu", True, True, d=256, d_ff=1024, seed=6)
     x = torch.randn(256)
@@ -355,8 +356,15 @@ def test_multithreaded_chunks(monkeypatch):
     torch.set_num_threads(2)
     multi = (q_mlp(x, mlp.q, idx), q_sketch_mlp(x, mlp.q, mlp.q.down_norm(), 0.01)[0],
              q_matvec(x, mlp.q.w_in), q_axpy(a, mlp.q.w_down_t, tau=0.5))
-    for s, m in zip(single, multi):
+    _CPP.set_prefetch(4)
+    try:
+        ahead = (q_mlp(x, mlp.q, idx), q_sketch_mlp(x, mlp.q, mlp.q.down_norm(), 0.01)[0],
+                 q_matvec(x, mlp.q.w_in), q_axpy(a, mlp.q.w_down_t, tau=0.5))
+    finally:
+        _CPP.set_prefetch(0)
+    for s, m, p in zip(single, multi, ahead):
         _assert_close(m, s.double())
+        assert torch.equal(p, m)  # prefetching never changes a result
 
 
 @needs_cpp

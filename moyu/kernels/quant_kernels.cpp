@@ -46,7 +46,7 @@
 namespace moyuq {
 
 constexpr int64_t kBlk = 32;
-constexpr int kGroup = 4;             // rows summed per pass over the output in axpy
+constexpr int kGroup = 8;             // rows summed per pass over the output in axpy
 constexpr int64_t kMinPerChunk = 32;  // fewer listed rows than this per thread: fewer threads
 
 enum Fmt : int64_t { kInt8 = 0, kInt4 = 1 };
@@ -122,13 +122,14 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
 }
 
 // y[0 .. nb*32) += sum_g a[g] * dequant(row rows[g]) for n <= kGroup rows.
+// (No std::fma: the baseline build has no FMA instruction and would call libm per element.)
 void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
   for (int g = 0; g < n; ++g) {
     const int8_t* q = reinterpret_cast<const int8_t*>(w.codes(rows[g]));
     const uint16_t* d = w.d + rows[g] * w.nb;
     for (int64_t b = 0; b < w.nb; ++b) {
       const float sc = a[g] * h2f(d[b]);
-      for (int i = 0; i < kBlk; ++i) y[b * kBlk + i] = std::fma(static_cast<float>(q[b * kBlk + i]), sc, y[b * kBlk + i]);
+      for (int i = 0; i < kBlk; ++i) y[b * kBlk + i] += static_cast<float>(q[b * kBlk + i]) * sc;
     }
   }
 }
@@ -143,8 +144,8 @@ void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) 
       float* yb = y + b * kBlk;
       for (int j = 0; j < kBlk / 2; ++j) {
         const uint8_t v = q[b * kBlk / 2 + j];
-        yb[j] += std::fma(static_cast<float>(v & 0x0F), sc, mm);
-        yb[j + 16] += std::fma(static_cast<float>(v >> 4), sc, mm);
+        yb[j] += static_cast<float>(v & 0x0F) * sc + mm;
+        yb[j + 16] += static_cast<float>(v >> 4) * sc + mm;
       }
     }
   }
@@ -219,78 +220,91 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
   return hsum(_mm256_add_ps(acc0, acc1)) + mt;
 }
 
-template <int G>
-void axpy_i8_g(const QM& w, const int64_t* rows, const float* a, float* y) {
-  const int8_t* q[G];
-  const uint16_t* d[G];
-  for (int g = 0; g < G; ++g) {
-    q[g] = reinterpret_cast<const int8_t*>(w.codes(rows[g]));
-    d[g] = w.d + rows[g] * w.nb;
+// a * (8 fp16 values from p, zero beyond n) -> out[0..8)
+inline void scaled8(const uint16_t* p, int64_t n, float a, float* out) {
+  __m128i h;
+  if (n >= 8) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, p, n * sizeof(uint16_t));
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
   }
-  for (int64_t b = 0; b < w.nb; ++b) {
-    __m256 sc[G];
-    for (int g = 0; g < G; ++g) sc[g] = _mm256_set1_ps(a[g] * _cvtsh_ss(d[g][b]));
-    for (int c = 0; c < 4; ++c) {
-      float* yp = y + b * kBlk + 8 * c;
-      __m256 yv = _mm256_loadu_ps(yp);
-      for (int g = 0; g < G; ++g) {
-        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[g] + b * kBlk + 8 * c));
-        yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sc[g], yv);
-      }
-      _mm256_storeu_ps(yp, yv);
-    }
-  }
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_set1_ps(a), _mm256_cvtph_ps(h)));
 }
 
-template <int G>
-void axpy_i4_g(const QM& w, const int64_t* rows, const float* a, float* y) {
+// Block scales (a * d) and offsets (a * m) of G rows are computed 8 blocks at a time,
+// then each block broadcasts them from L1: fewer instructions per weight than
+// converting one fp16 per block and row.
+template <int G, bool Q4>
+void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
   const uint8_t* q[G];
   const uint16_t* d[G];
   const uint16_t* m[G];
   for (int g = 0; g < G; ++g) {
     q[g] = w.codes(rows[g]);
     d[g] = w.d + rows[g] * w.nb;
-    m[g] = w.m + rows[g] * w.nb;
+    m[g] = Q4 ? w.m + rows[g] * w.nb : nullptr;
   }
   const __m128i nib = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < w.nb; ++b) {
-    float* yp = y + b * kBlk;
-    __m256 y0 = _mm256_loadu_ps(yp), y1 = _mm256_loadu_ps(yp + 8);
-    __m256 y2 = _mm256_loadu_ps(yp + 16), y3 = _mm256_loadu_ps(yp + 24);
+  alignas(32) float sc[G][8];
+  alignas(32) float mm[G][8];
+  for (int64_t b0 = 0; b0 < w.nb; b0 += 8) {
+    const int64_t nbk = std::min<int64_t>(8, w.nb - b0);
     for (int g = 0; g < G; ++g) {
-      const __m256 sc = _mm256_set1_ps(a[g] * _cvtsh_ss(d[g][b]));
-      const __m256 mm = _mm256_set1_ps(a[g] * _cvtsh_ss(m[g][b]));
-      const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
-      const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
-      y0 = _mm256_add_ps(y0, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, mm));
-      y1 = _mm256_add_ps(y1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sc, mm));
-      y2 = _mm256_add_ps(y2, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sc, mm));
-      y3 = _mm256_add_ps(y3, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sc, mm));
+      scaled8(d[g] + b0, nbk, a[g], sc[g]);
+      if (Q4) scaled8(m[g] + b0, nbk, a[g], mm[g]);
     }
-    _mm256_storeu_ps(yp, y0);
-    _mm256_storeu_ps(yp + 8, y1);
-    _mm256_storeu_ps(yp + 16, y2);
-    _mm256_storeu_ps(yp + 24, y3);
+    for (int64_t bb = 0; bb < nbk; ++bb) {
+      const int64_t b = b0 + bb;
+      float* yp = y + b * kBlk;
+      __m256 y0 = _mm256_loadu_ps(yp), y1 = _mm256_loadu_ps(yp + 8);
+      __m256 y2 = _mm256_loadu_ps(yp + 16), y3 = _mm256_loadu_ps(yp + 24);
+      for (int g = 0; g < G; ++g) {
+        const __m256 s = _mm256_broadcast_ss(&sc[g][bb]);
+        if (Q4) {
+          const __m256 o = _mm256_broadcast_ss(&mm[g][bb]);
+          const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
+          const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
+          y0 = _mm256_add_ps(y0, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, o));
+          y1 = _mm256_add_ps(y1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, o));
+          y2 = _mm256_add_ps(y2, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, o));
+          y3 = _mm256_add_ps(y3, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, o));
+        } else {
+          const int8_t* qb = reinterpret_cast<const int8_t*>(q[g]) + b * kBlk;
+          auto cvt = [&](int off) {
+            return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + off))));
+          };
+          y0 = _mm256_fmadd_ps(cvt(0), s, y0);
+          y1 = _mm256_fmadd_ps(cvt(8), s, y1);
+          y2 = _mm256_fmadd_ps(cvt(16), s, y2);
+          y3 = _mm256_fmadd_ps(cvt(24), s, y3);
+        }
+      }
+      _mm256_storeu_ps(yp, y0);
+      _mm256_storeu_ps(yp + 8, y1);
+      _mm256_storeu_ps(yp + 16, y2);
+      _mm256_storeu_ps(yp + 24, y3);
+    }
   }
 }
 
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+template <bool Q4>
+void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
   switch (n) {
-    case 1: axpy_i8_g<1>(w, rows, a, y); break;
-    case 2: axpy_i8_g<2>(w, rows, a, y); break;
-    case 3: axpy_i8_g<3>(w, rows, a, y); break;
-    default: axpy_i8_g<4>(w, rows, a, y); break;
+    case 1: axpy_g<1, Q4>(w, rows, a, y); break;
+    case 2: axpy_g<2, Q4>(w, rows, a, y); break;
+    case 3: axpy_g<3, Q4>(w, rows, a, y); break;
+    case 4: axpy_g<4, Q4>(w, rows, a, y); break;
+    case 5: axpy_g<5, Q4>(w, rows, a, y); break;
+    case 6: axpy_g<6, Q4>(w, rows, a, y); break;
+    case 7: axpy_g<7, Q4>(w, rows, a, y); break;
+    default: axpy_g<8, Q4>(w, rows, a, y); break;
   }
 }
 
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
-  switch (n) {
-    case 1: axpy_i4_g<1>(w, rows, a, y); break;
-    case 2: axpy_i4_g<2>(w, rows, a, y); break;
-    case 3: axpy_i4_g<3>(w, rows, a, y); break;
-    default: axpy_i4_g<4>(w, rows, a, y); break;
-  }
-}
+void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<false>(w, n, rows, a, y); }
+void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<true>(w, n, rows, a, y); }
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -383,72 +397,69 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
   return _mm512_reduce_add_ps(acc) + hsum256(tail) + (_mm_cvtss_f32(macc) + mt);
 }
 
-template <int G>
-void axpy_i8_g(const QM& w, const int64_t* rows, const float* a, float* y) {
-  const int8_t* q[G];
-  const uint16_t* d[G];
-  for (int g = 0; g < G; ++g) {
-    q[g] = reinterpret_cast<const int8_t*>(w.codes(rows[g]));
-    d[g] = w.d + rows[g] * w.nb;
-  }
-  for (int64_t b = 0; b < w.nb; ++b) {
-    float* yp = y + b * kBlk;
-    __m512 y0 = _mm512_loadu_ps(yp), y1 = _mm512_loadu_ps(yp + 16);
-    for (int g = 0; g < G; ++g) {
-      const __m512 sc = _mm512_set1_ps(a[g] * _cvtsh_ss(d[g][b]));
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[g] + b * kBlk));
-      y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), sc, y0);
-      y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), sc, y1);
-    }
-    _mm512_storeu_ps(yp, y0);
-    _mm512_storeu_ps(yp + 16, y1);
-  }
-}
-
-template <int G>
-void axpy_i4_g(const QM& w, const int64_t* rows, const float* a, float* y) {
+// Block scales (a * d) and offsets (a * m) of G rows, 16 blocks at a time (masked load
+// of the fp16 values), broadcast per block from L1.
+template <int G, bool Q4>
+void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
   const uint8_t* q[G];
   const uint16_t* d[G];
   const uint16_t* m[G];
   for (int g = 0; g < G; ++g) {
     q[g] = w.codes(rows[g]);
     d[g] = w.d + rows[g] * w.nb;
-    m[g] = w.m + rows[g] * w.nb;
+    m[g] = Q4 ? w.m + rows[g] * w.nb : nullptr;
   }
   const __m128i nib = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < w.nb; ++b) {
-    float* yp = y + b * kBlk;
-    __m512 y0 = _mm512_loadu_ps(yp), y1 = _mm512_loadu_ps(yp + 16);
+  alignas(64) float sc[G][16];
+  alignas(64) float mm[G][16];
+  for (int64_t b0 = 0; b0 < w.nb; b0 += 16) {
+    const int64_t nbk = std::min<int64_t>(16, w.nb - b0);
+    const __mmask16 mk = static_cast<__mmask16>((1u << nbk) - 1u);
     for (int g = 0; g < G; ++g) {
-      const __m512 sc = _mm512_set1_ps(a[g] * _cvtsh_ss(d[g][b]));
-      const __m512 mm = _mm512_set1_ps(a[g] * _cvtsh_ss(m[g][b]));
-      const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
-      const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
-      y0 = _mm512_add_ps(y0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), sc, mm));
-      y1 = _mm512_add_ps(y1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), sc, mm));
+      const __m512 av = _mm512_set1_ps(a[g]);
+      _mm512_store_ps(sc[g], _mm512_mul_ps(av, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, d[g] + b0))));
+      if (Q4) _mm512_store_ps(mm[g], _mm512_mul_ps(av, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, m[g] + b0))));
     }
-    _mm512_storeu_ps(yp, y0);
-    _mm512_storeu_ps(yp + 16, y1);
+    for (int64_t bb = 0; bb < nbk; ++bb) {
+      const int64_t b = b0 + bb;
+      float* yp = y + b * kBlk;
+      __m512 y0 = _mm512_loadu_ps(yp), y1 = _mm512_loadu_ps(yp + 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = _mm512_set1_ps(sc[g][bb]);
+        if (Q4) {
+          const __m512 o = _mm512_set1_ps(mm[g][bb]);
+          const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
+          const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
+          y0 = _mm512_add_ps(y0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o));
+          y1 = _mm512_add_ps(y1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o));
+        } else {
+          const int8_t* qb = reinterpret_cast<const int8_t*>(q[g]) + b * kBlk;
+          y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)))), s, y0);
+          y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)))), s, y1);
+        }
+      }
+      _mm512_storeu_ps(yp, y0);
+      _mm512_storeu_ps(yp + 16, y1);
+    }
   }
 }
 
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+template <bool Q4>
+void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
   switch (n) {
-    case 1: axpy_i8_g<1>(w, rows, a, y); break;
-    case 2: axpy_i8_g<2>(w, rows, a, y); break;
-    case 3: axpy_i8_g<3>(w, rows, a, y); break;
-    default: axpy_i8_g<4>(w, rows, a, y); break;
+    case 1: axpy_g<1, Q4>(w, rows, a, y); break;
+    case 2: axpy_g<2, Q4>(w, rows, a, y); break;
+    case 3: axpy_g<3, Q4>(w, rows, a, y); break;
+    case 4: axpy_g<4, Q4>(w, rows, a, y); break;
+    case 5: axpy_g<5, Q4>(w, rows, a, y); break;
+    case 6: axpy_g<6, Q4>(w, rows, a, y); break;
+    case 7: axpy_g<7, Q4>(w, rows, a, y); break;
+    default: axpy_g<8, Q4>(w, rows, a, y); break;
   }
 }
 
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
-  switch (n) {
-    case 1: axpy_i4_g<1>(w, rows, a, y); break;
-    case 2: axpy_i4_g<2>(w, rows, a, y); break;
-    case 3: axpy_i4_g<3>(w, rows, a, y); break;
-    default: axpy_i4_g<4>(w, rows, a, y); break;
-  }
-}
+void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<false>(w, n, rows, a, y); }
+void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<true>(w, n, rows, a, y); }
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -496,6 +507,22 @@ Kern kernels(int64_t fmt) {
 
 // ------------------------------------------------------------------ scratch, lists, activations
 
+// Rows read ahead with software prefetches (0: none, the default: on the shared build
+// machine no distance measured faster than the hardware prefetcher alone, see
+// benchmarks/bench_quant_kernels.py --prefetch). Set by set_prefetch().
+int64_t g_ahead = 0;
+
+void set_prefetch(int64_t rows) { g_ahead = std::max<int64_t>(0, rows); }
+
+// Prefetches one row's codes, scales and mins into the cache.
+inline void prefetch_row(const QM& w, int64_t r) {
+  const uint8_t* c = w.codes(r);
+  const int64_t nbytes = w.row_bytes();
+  for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o);
+  __builtin_prefetch(w.d + r * w.nb);
+  if (w.m) __builtin_prefetch(w.m + r * w.nb);
+}
+
 // Thread-local scratch reused across calls, so the decode path does not allocate.
 template <typename V, int Slot>
 V* scratch(int64_t count) {
@@ -514,7 +541,10 @@ void quantize_row(const float* x, int64_t cols, int64_t nb, int8_t* q, float* dx
     dx[b] = amax / 127.0f;
     int32_t sum = 0;
     for (int64_t i = lo; i < lo + kBlk; ++i) {
-      float v = i < hi ? std::nearbyint(x[i] * id) : 0.0f;
+      // Round half to even (as nearbyint in the default mode, and torch.round) without a
+      // libm call: adding and subtracting 1.5 * 2^23 rounds any |v| < 2^22 exactly.
+      constexpr float magic = 12582912.0f;
+      float v = i < hi ? (x[i] * id + magic) - magic : 0.0f;
       v = std::min(127.0f, std::max(-127.0f, v));
       q[i] = static_cast<int8_t>(v);
       sum += q[i];
@@ -614,6 +644,7 @@ int64_t run_chunked(int64_t k, int64_t width, int64_t cols, const float* bias, f
 inline void axpy_list(const Kern& k, const QM& w, const int64_t* ids, const float* coef, int64_t n, float* acc) {
   for (int64_t p = 0; p < n; p += kGroup) {
     const int m = static_cast<int>(std::min<int64_t>(kGroup, n - p));
+    for (int64_t f = p + g_ahead; f < std::min(n, p + g_ahead + m); ++f) prefetch_row(w, ids[f]);
     k.axpy(w, m, ids + p, coef + p, acc);
   }
 }
@@ -707,6 +738,7 @@ at::Tensor q_matvec(const at::Tensor& x_in, int64_t fmt, int64_t cols, const at:
   const int64_t grain = std::max<int64_t>(kMinPerChunk, (list.k + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, list.k, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
+      if (g_ahead && j + g_ahead < hi) prefetch_row(w, list.ids[j + g_ahead]);
       const int64_t r = list.ids[j];
       const float b = bp ? bp[r] : 0.0f;
       for (int64_t q = 0; q < n; ++q) y[q * list.k + j] = k.dot(w, r, xq[q]) + b;
@@ -831,6 +863,8 @@ std::tuple<at::Tensor, int64_t> q_mlp(const at::Tensor& x_in, int64_t fmt_in, co
     total += run_chunked(list.k, width, d, bd, out.data_ptr<float>() + q * d, [&](int64_t lo, int64_t hi, float* acc) {
       int64_t kept = 0;
       for (int64_t p = lo; p < hi; ++p) {
+        if (g_ahead && p + g_ahead / 2 < hi)
+          for (int64_t j = 0; j < a.r; ++j) prefetch_row(a.win, list.ids[p + g_ahead / 2] * a.r + j);
         const int64_t i = list.ids[p];
         if (neuron(a, xr, i, coef + lo + kept, false)) kept_ids[lo + kept++] = i;
       }
@@ -875,4 +909,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &moyuq::best_isa, "widest code path this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
   m.def("get_isa", &moyuq::get_isa, "code path in use");
   m.def("set_isa", &moyuq::set_isa, "force a code path no wider than best_isa()");
+  m.def("set_prefetch", &moyuq::set_prefetch, "rows read ahead with software prefetches (0: none)");
 }
