@@ -273,6 +273,17 @@ def test_mlp_dense_and_kept(backend, fmt, down_fmt, act, gated, bias):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("gated", [True, False])
+def test_sliced_mlp_equals_kept_list(backend, fmt, gated):
+    mlp = QMlp(fmt, "silu", gated, True, seed=3)
+    idx = torch.tensor([150, 3, 77, 4, 199])
+    part = mlp.q.slice(idx)
+    assert part.d_ff == 5 and torch.equal(part.neurons, idx)
+    x = torch.randn(mlp.d)
+    _assert_close(q_mlp(x, part), q_mlp(x, mlp.q, idx).double())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("gated", [True, False])
 def test_mlp_threshold_and_sketch(backend, fmt, gated):
     mlp = QMlp(fmt, "silu", gated, True, seed=1)
     x = torch.randn(1, mlp.d)
