@@ -130,7 +130,18 @@ def _llamacpp_variant(gguf: str, ids: torch.Tensor, new: int, threads: int) -> V
             if n >= new:
                 break
         return n, time.perf_counter() - t0, None
-    return Variant("llamacpp_q4", run, lambda: size, lambda: size)
+    return Variant("llamacpp", run, lambda: size, lambda: size)
+
+
+def gguf_quant_type(path: str) -> str:
+    """The block type holding most of a GGUF file's bytes (e.g. ``Q4_1``): the peer's format."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+    weight = Counter()
+    for t in GGUFReader(path).tensors:
+        weight[t.tensor_type.name] += int(t.n_bytes)
+    return weight.most_common(1)[0][0] if weight else "?"
 
 
 def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None = None,
@@ -193,8 +204,12 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.spec.layers), 4)
         out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.spec.layers), 4)
         out["memory_ratio"] = round(out["moyu_sparse"]["memory_bytes"] / out["moyu_dense"]["memory_bytes"], 3)
-    if sparse is not None and "llamacpp_q4" in out:  # the moonshot: sparse fp32 vs llama.cpp's q4 dense
-        out["speedup_vs_llamacpp"] = round(out["moyu_sparse"]["tok_s"] / out["llamacpp_q4"]["tok_s"], 3)
+    if "llamacpp" in out:   # the peer on the same GGUF, timed in the same rounds
+        out["llamacpp_tok_s"] = out["llamacpp"]["tok_s"]
+        out["llamacpp_quant"] = gguf_quant_type(gguf)
+        out["dense_vs_llamacpp"] = round(out["moyu_dense"]["tok_s"] / out["llamacpp"]["tok_s"], 3)
+        if sparse is not None:
+            out["speedup_vs_llamacpp"] = round(out["moyu_sparse"]["tok_s"] / out["llamacpp"]["tok_s"], 3)
     if include_hf:
         out["dense_vs_hf"] = round(out["moyu_dense"]["tok_s"] / out["hf_dense"]["tok_s"], 3)
     return out

@@ -38,7 +38,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, .gguf file, HF folder or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the model is loaded in (evaluation and calibration run in it)")
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--weights``: the format the lean runtime packs the weights in (decode commands)."""
+    from .kernels import FORMATS
+    p.add_argument("--weights", default="fp32", choices=list(FORMATS),
+                   help="weight format of the decode runtime (int8 = Q8_0 blocks, int4 = Q4_1 blocks)")
 
 
 def add_text_args(p: argparse.ArgumentParser, default_tokens: int = 4096) -> None:
@@ -257,6 +265,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_weights_arg(p)
     from .demo import DEFAULT_PROMPT
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -271,12 +280,14 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 @options(_configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(args.model, args.prompt, args.max_new_tokens, args.tokens, args.method, args.sparsity, args.out)
+    run_demo(args.model, args.prompt, args.max_new_tokens, args.tokens, args.method, args.sparsity, args.out,
+             args.weights)
     return 0
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_weights_arg(p)
     add_method_args(p)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -308,7 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ids = data.tokens(tok, "eval", args.prompt_tokens)
     gguf = str(builtin_gguf(args.model)) if args.model in BUILTINS else (
         args.model if args.model.endswith(".gguf") else None)
-    res = bench(model, tok, prof, ids, args.new_tokens, args.runs, getattr(torch, args.dtype),
+    res = bench(model, tok, prof, ids, args.new_tokens, args.runs, args.weights,
                 gguf=gguf, include_hf=not args.no_hf, progress=not args.json)
     res = {"model": args.model, "method": prof.method if prof else None,
            "target": prof.target.get("sparsity") if prof else None, **res}
@@ -318,13 +329,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{args.model}, batch 1, {res['environment']['threads']} threads, {res['weights']} weights, prompt "
           f"{res['prompt_tokens']}, {res['new_tokens']} new tokens, median of {args.runs}; memory "
           f"bandwidth {res['bandwidth_gb_s']} GB/s (copy), {res['read_bandwidth_gb_s']} GB/s (read)")
-    for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp_q4"):
+    for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp"):
         if name in res:
             r = res[name]
             print(f"  {name:<12} {r['tok_s']:7.2f} tok/s   roofline {r['roofline_tok_s']:7.1f} tok/s "
                   f"({100 * r['roofline_share']:.0f} % reached; {100 * r['read_roofline_share']:.0f} % of "
                   f"read bandwidth)   {r['memory_bytes'] / 1e6:.0f} MB")
-    for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "speedup_vs_llamacpp", "sparsity"):
+    for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "llamacpp_quant", "dense_vs_llamacpp",
+              "speedup_vs_llamacpp", "sparsity"):
         if k in res:
             print(f"  {k}: {res[k]}")
     return 0

@@ -24,9 +24,10 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 _SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
+_QUANT_SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 _ENV_BACKEND = "MOYU_KERNELS"
 _MARKER = "moyu-loaded.json"
 
@@ -79,7 +80,7 @@ def _quiet() -> Iterator[io.StringIO]:
         yield buf
 
 
-def _compile(name: str, build_dir: Path, flags: list[str]) -> ModuleType:
+def _compile(name: str, build_dir: Path, flags: list[str], source: Path = _SOURCE) -> ModuleType:
     import warnings
 
     from torch.utils import cpp_extension
@@ -88,7 +89,7 @@ def _compile(name: str, build_dir: Path, flags: list[str]) -> ModuleType:
         warnings.simplefilter("ignore")
         return cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -125,10 +126,26 @@ def extension_name() -> str:
     return f"moyu_sparse_{_isa_flags()[0]}_{digest}"
 
 
+def quant_extension_name() -> str:
+    """Build name of the quantized kernels. They are compiled for the baseline x86-64
+    instruction set and choose their AVX2 / AVX-512 VNNI code path at run time from the
+    CPU's flags, so one build is safe on every CPU: the tag says so, the hash keys the source."""
+    digest = hashlib.sha256(_QUANT_SOURCE.read_bytes()).hexdigest()[:10]
+    return f"moyu_quant_rtdispatch_{digest}"
+
+
 def build_extension() -> ModuleType:
     """Compiles (or reuses the cached build of) the kernels and returns the module."""
     _tag, flags = _isa_flags()
-    name = extension_name()
+    return _build_at(extension_name(), _SOURCE, flags)
+
+
+def build_quant_extension() -> ModuleType:
+    """Compiles (or reuses the cached build of) the quantized kernels (quant_kernels.cpp)."""
+    return _build_at(quant_extension_name(), _QUANT_SOURCE, [])
+
+
+def _build_at(name: str, source: Path, flags: list[str]) -> ModuleType:
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir.parent / f"{name}.flock"):
@@ -136,7 +153,7 @@ def build_extension() -> ModuleType:
         if not _trusted(build_dir):
             shutil.rmtree(build_dir, ignore_errors=True)
             build_dir.mkdir(parents=True, exist_ok=True)
-        module = _compile(name, build_dir, flags)
+        module = _compile(name, build_dir, flags, source)
         _record(build_dir, module)
         return module
 
@@ -150,7 +167,8 @@ def _reason(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def load_backend() -> ModuleType | None:
+def load_backend(builder: Callable[[], ModuleType] = build_extension,
+                 what: str = "sparse kernel") -> ModuleType | None:
     """The compiled extension, or None for the PyTorch fallback (per ``MOYU_KERNELS``).
 
     ``MOYU_KERNELS=torch`` forces the fallback, ``cpp`` forces the extension (a failed
@@ -160,11 +178,11 @@ def load_backend() -> ModuleType | None:
     if choice == "torch":
         return None
     try:
-        return build_extension()
+        return builder()
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
         if choice == "cpp":
-            raise RuntimeError(f"moyu: sparse kernel build failed ({_reason(exc)}) "
+            raise RuntimeError(f"moyu: {what} build failed ({_reason(exc)}) "
                                f"and {_ENV_BACKEND}=cpp forbids the fallback") from exc
-        print(f"moyu: warning: sparse kernel build failed ({_reason(exc)}); "
+        print(f"moyu: warning: {what} build failed ({_reason(exc)}); "
               "using the PyTorch fallback", file=sys.stderr)
         return None

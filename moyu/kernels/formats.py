@@ -45,17 +45,13 @@ class WeightFormat:
 
 FP32 = WeightFormat("fp32", torch.float32, 32.0)
 BF16 = WeightFormat("bf16", torch.bfloat16, 16.0)
+INT8 = WeightFormat("int8", None, 34 * 8 / 32, 32)   # GGUF Q8_0 blocks: 32 codes + an fp16 scale
+INT4 = WeightFormat("int4", None, 20 * 8 / 32, 32)   # GGUF Q4_1 blocks: 32 nibbles + fp16 scale and min
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP32, BF16)}
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP32, BF16, INT8, INT4)}
 """Every format the runtime can hold weights in, by name."""
 
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16"}
-
-
-def register_format(fmt: WeightFormat) -> WeightFormat:
-    """Add a format to :data:`FORMATS` (quantized formats register where their kernels live)."""
-    FORMATS[fmt.name] = fmt
-    return fmt
 
 
 def weight_format(spec: "str | torch.dtype | WeightFormat") -> WeightFormat:
