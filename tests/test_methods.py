@@ -255,3 +255,19 @@ def test_profile_is_written_with_the_umask_and_checked_against_its_method(models
     prof.config_version = 2
     with pytest.raises(MoyuError, match="profile tensors do not match method 'tda'"):
         sparsify(model, prof)
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_rules_hold_no_reference_to_the_model(models, method):
+    """Rules keep only their own parameters, so the runtime can drop the HF model."""
+    from moyu.arch import MLPLayer, mlp_layers
+    model = models["llama"]
+    prof = calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W)
+    neuron, inputs = get_method(method).rules(prof, mlp_layers(model))
+    rules = [r for r in neuron + inputs if r is not None]
+    assert rules
+    for rule in rules:
+        values = list(vars(rule).values())
+        values += [w for v in values if hasattr(v, "__dict__") and not isinstance(v, torch.Tensor)
+                   for w in vars(v).values()]
+        assert not any(isinstance(v, (MLPLayer, torch.nn.Module)) for v in values), method
