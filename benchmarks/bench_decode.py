@@ -31,7 +31,7 @@ COLUMNS = ["method", "target", "sparsity", "tok_s", "dense_tok_s", "speedup_vs_d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="sketch-reuse,sketch,cats,griffin,tda,dejavu")
+    ap.add_argument("--methods", default="sketch-reuse,sketch,cats,griffin,tda,dejavu-linear")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=64)

@@ -152,9 +152,9 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 @options(_configure_eval)
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .methods import check_sparsity, get_method, sparsify
+    from .methods import check_sparsity, sparsify
     if args.method:
-        get_method(args.method)
+        method_options(args.method, args.option)   # unknown method or bad option: before loading
         check_sparsity(args.sparsity)
     check_text_args(args)
     model, tok = load_model(args)
@@ -196,8 +196,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r['name']:<13} {r['granularity']:<9} {r['summary']}")
-            print(f"{'':<23} options: "
-                  f"{', '.join(f'{o['name']}={o['default']} ({o['type']})' for o in r['options'])}")
+            opts = ", ".join(f"{o['name']}={o['default']} ({o['type']})" for o in r["options"])
+            print(f"{'':<23} options: {opts}")
     return 0
 
 
@@ -212,10 +212,10 @@ def _configure_calibrate(p: argparse.ArgumentParser) -> None:
 @command("calibrate", "calibrate a method to a target sparsity (or CETT budget) and save a profile")
 @options(_configure_calibrate)
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .methods import check_sparsity, get_method
+    from .methods import check_sparsity
     if not args.method:
         raise MoyuError("--method is required: pick one of `moyu methods`")
-    get_method(args.method)
+    method_options(args.method, args.option)
     check_sparsity(args.sparsity)
     t0 = time.perf_counter()
     model, tok = load_model(args)
@@ -312,6 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.method:
         check_sparsity(args.sparsity)
         check_decodable(args.method, args.sparsity)
+        method_options(args.method, args.option)
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
     model, tok = load_model(args)

@@ -63,7 +63,7 @@ def test_bytes_per_token_counts_every_tensor_once(tiny, one_thread):
     from moyu.bench import _lean_variant
     from moyu.runtime import lean_model
     model = tiny("llama")
-    for method in ("sketch", "dejavu", "cats", "griffin"):
+    for method in ("sketch", "dejavu-linear", "cats", "griffin", "teal"):
         prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5,
                          windows=Windows(prompt=12, scored=12))
         lean = lean_model(model, prof, max_seq=32)

@@ -64,6 +64,11 @@ BAD = {
     "bench oracle": (["bench", "--model", "{gguf}", "--method", "oracle"], "ceiling"),
     "bench runs": (["bench", "--model", "{gguf}", "--runs", "0"], "--runs"),
     "bench sparsity": (["bench", "--model", "{gguf}", "--method", "sketch", "--sparsity", "1"], "sparsity"),
+    "bench no decode path": (["bench", "--model", "{gguf}", "--method", "dejavu"], "no decode path"),
+    "bad option value": (["eval", "--model", "{gguf}", "--method", "teal", "--option", "allocation=zzz"],
+                         "allowed values are greedy, uniform"),
+    "unknown option": (["calibrate", "--model", "{gguf}", "--method", "tda", "--option", "nrm=l2",
+                        "--out", "{root}/p.moyu"], "unknown option 'nrm'"),
 }
 
 

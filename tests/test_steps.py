@@ -7,12 +7,14 @@ import torch
 from moyu import MoyuError
 from moyu.arch import mlp_layers
 from moyu.evaluate import Windows
-from moyu.methods import calibrate
+from moyu.methods import METHODS, calibrate
 from moyu.methods.base import LayerInputs
-from moyu.runtime import lean_model, mlp_factory
+from moyu.runtime import decodable, lean_model, mlp_factory
 from moyu.tiny import tiny_model
 
 W = Windows(prompt=12, scored=12)
+DECODABLE = sorted(m for m in METHODS if decodable(m))
+NEURON = [m for m in DECODABLE if METHODS[m].granularity != "input"]
 
 
 def _ids(n, seed):
@@ -26,7 +28,7 @@ def _reference(ml, x, keep):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "opt"])
-@pytest.mark.parametrize("method", ["dense", "cats", "sketch", "sketch-reuse", "dejavu", "moe", "relu", "griffin", "tda", "cett"])
+@pytest.mark.parametrize("method", NEURON)
 def test_step_matches_masked_reference(arch, method):
     model = tiny_model(arch)
     try:
@@ -77,16 +79,16 @@ def test_step_matches_masked_reference(arch, method):
             assert torch.allclose(y, _reference(ml, x, keep), atol=1e-4)
 
 
-def test_oracle_has_no_decode_step():
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not decodable(m)))
+def test_methods_without_a_decode_step_are_refused_in_one_line(method):
     model = tiny_model("llama")
-    prof = calibrate(model, _ids(600, 1), method="oracle", sparsity=0.5, windows=W)
-    with pytest.raises(MoyuError, match="ceiling"):
+    prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
+    with pytest.raises(MoyuError, match="no decode path"):
         mlp_factory(model, prof)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("method", ["cats", "sketch", "sketch-reuse", "griffin", "tda", "dejavu", "moe",
-                                    "teal", "wina"])
+@pytest.mark.parametrize("method", [m for m in DECODABLE if m != "dense"])
 def test_runtime_logits_equal_evaluation_path(arch, method):
     """One truth: the lean runtime with a profile gives the logits the evaluation hooks give."""
     from moyu.methods import sparsify
@@ -106,7 +108,9 @@ def test_runtime_logits_equal_evaluation_path(arch, method):
     ran = lean.logits(ids, n_prefill=p)
     assert torch.allclose(ran, hooked, atol=2e-4), (ran - hooked).abs().max()
     if method in ("teal", "wina"):   # input sparsity: fewer weight columns read, attention too
-        assert all(L.mlp.kept_share < 1 and L.o.kept_share < 1 for L in lean.spec.layers)
+        # each projection has its own level (the greedy may leave a small one dense); the
+        # MLP holds most of a layer's weights, so every layer's MLP reads fewer of them
+        assert all(L.mlp.kept_share < 1 for L in lean.spec.layers)
         return
     # the same neurons: per layer, the kept counts summed over the decoded positions equal
     # what the evaluation hooks counted over the same (sparse) positions

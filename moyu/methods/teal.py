@@ -15,7 +15,7 @@ Thresholds are quantiles of each projection's calibration input scores. Deviatio
 (documented in docs/methods.md): the last step is trimmed so the block lands exactly on
 the target, the error is measured on the scored positions of moyu's windows (prompt
 positions stay dense, as in evaluation), and the default step is coarser than TEAL's
-(0.05) to fit a CPU. ``allocation="uniform"`` gives every projection the target.
+(0.05) and the block is replayed on two quarter-length windows, to fit a CPU. ``allocation="uniform"`` gives every projection the target.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from ..arch import MLPLayer
+from ..evaluate import Windows
 from . import calib as C
 from .base import InputRule, projection_weight, projections
 from .method import Method, register
@@ -88,7 +89,8 @@ class BlockReplay:
         self.dense = [self._run(c) for c in calls]
 
     def _run(self, call: tuple[tuple, dict]) -> torch.Tensor:
-        out = self.ml.layer(*call[0], **call[1])
+        with torch.inference_mode():
+            out = self.ml.layer(*call[0], **call[1])
         return (out[0] if isinstance(out, tuple) else out)[..., self.p:, :].float()
 
     def error(self, taus: dict[str, float]) -> float:
@@ -97,9 +99,8 @@ class BlockReplay:
         handles = [m.register_forward_pre_hook(self._mask(r)) for r, m in self.mods.items()
                    if taus.get(r, -1.0) >= 0]
         try:
-            with torch.inference_mode():
-                return sum(float((self._run(c) - d).norm(dim=-2).mean())
-                           for c, d in zip(self.calls, self.dense))
+            return sum(float((self._run(c) - d).norm(dim=-2).mean())
+                       for c, d in zip(self.calls, self.dense))
         finally:
             for h in handles:
                 h.remove()
@@ -151,10 +152,10 @@ class TealOptions(CalibOptions):
     per_window: int = field(default=16, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
     allocation: Literal["greedy", "uniform"] = field(default="greedy", metadata={
         "help": "greedy (TEAL: by block output error) or uniform (every projection at the target)"})
-    step: float = field(default=0.2, metadata={
+    step: float = field(default=0.25, metadata={
         "min": 1e-3, "help": "greedy step of a d x d projection (TEAL's base step; others scale by size)"})
     greedy_windows: int = field(default=2, metadata={
-        "min": 1, "help": "calibration windows the block is replayed on to measure its output error"})
+        "min": 2, "help": "short calibration windows the block is replayed on to measure its output error"})
 
 
 class Teal(Method):
@@ -174,8 +175,11 @@ class Teal(Method):
     def fit(self, prof, layers, samples, target, opts):
         s = target["sparsity"]
         calls = None
+        # the block is replayed on short windows (a quarter of the evaluation layout) to keep
+        # the greedy's many block forwards affordable on a CPU
+        rw = Windows(prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
         if opts.allocation == "greedy" and s > 0:
-            calls = C.block_inputs(self.model, self.ids, self.windows, opts.greedy_windows)
+            calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
         out = []
         for ml in layers:
             sc = self.scales(ml)
@@ -187,7 +191,7 @@ class Teal(Method):
             if calls is None:
                 level = {r: s for r in scores}
             else:
-                replay = BlockReplay(ml, calls[ml.index], self.windows.prompt, sc)
+                replay = BlockReplay(ml, calls[ml.index], rw.prompt, sc)
                 d = ml.w_up.shape[1]
                 level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
             for r in scores:
