@@ -248,28 +248,40 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
   }
   const __m128i nib = _mm_set1_epi8(0x0F);
   alignas(32) float sc[G][8];
-  alignas(32) float mm[G][8];
+  alignas(32) float mm[8];
   for (int64_t b0 = 0; b0 < w.nb; b0 += 8) {
     const int64_t nbk = std::min<int64_t>(8, w.nb - b0);
+    // int4: the mins add sum_g a[g] * m[g][b], one constant per block, once per group.
+    if (Q4) std::memset(mm, 0, sizeof(mm));
     for (int g = 0; g < G; ++g) {
       scaled8(d[g] + b0, nbk, a[g], sc[g]);
-      if (Q4) scaled8(m[g] + b0, nbk, a[g], mm[g]);
+      if (Q4) {
+        alignas(32) float t[8];
+        scaled8(m[g] + b0, nbk, a[g], t);
+        _mm256_store_ps(mm, _mm256_add_ps(_mm256_load_ps(mm), _mm256_load_ps(t)));
+      }
     }
     for (int64_t bb = 0; bb < nbk; ++bb) {
       const int64_t b = b0 + bb;
       float* yp = y + b * kBlk;
       __m256 y0 = _mm256_loadu_ps(yp), y1 = _mm256_loadu_ps(yp + 8);
       __m256 y2 = _mm256_loadu_ps(yp + 16), y3 = _mm256_loadu_ps(yp + 24);
+      if (Q4) {
+        const __m256 o = _mm256_broadcast_ss(&mm[bb]);
+        y0 = _mm256_add_ps(y0, o);
+        y1 = _mm256_add_ps(y1, o);
+        y2 = _mm256_add_ps(y2, o);
+        y3 = _mm256_add_ps(y3, o);
+      }
       for (int g = 0; g < G; ++g) {
         const __m256 s = _mm256_broadcast_ss(&sc[g][bb]);
         if (Q4) {
-          const __m256 o = _mm256_broadcast_ss(&mm[g][bb]);
           const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
           const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
-          y0 = _mm256_add_ps(y0, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, o));
-          y1 = _mm256_add_ps(y1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, o));
-          y2 = _mm256_add_ps(y2, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, o));
-          y3 = _mm256_add_ps(y3, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, o));
+          y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, y0);
+          y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, y1);
+          y2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, y2);
+          y3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, y3);
         } else {
           const int8_t* qb = reinterpret_cast<const int8_t*>(q[g]) + b * kBlk;
           auto cvt = [&](int off) {
@@ -397,8 +409,8 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
   return _mm512_reduce_add_ps(acc) + hsum256(tail) + (_mm_cvtss_f32(macc) + mt);
 }
 
-// Block scales (a * d) and offsets (a * m) of G rows, 16 blocks at a time (masked load
-// of the fp16 values), broadcast per block from L1.
+// Block scales (a * d) of G rows, 16 blocks at a time (masked load of the fp16 values),
+// broadcast per block from L1; int4 mins enter as one per-block constant per group.
 template <int G, bool Q4>
 void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
   const uint8_t* q[G];
@@ -411,27 +423,33 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
   }
   const __m128i nib = _mm_set1_epi8(0x0F);
   alignas(64) float sc[G][16];
-  alignas(64) float mm[G][16];
+  alignas(64) float mm[16];
   for (int64_t b0 = 0; b0 < w.nb; b0 += 16) {
     const int64_t nbk = std::min<int64_t>(16, w.nb - b0);
     const __mmask16 mk = static_cast<__mmask16>((1u << nbk) - 1u);
+    __m512 offs = _mm512_setzero_ps();  // int4: sum_g a[g] * m[g][b], one constant per block
     for (int g = 0; g < G; ++g) {
       const __m512 av = _mm512_set1_ps(a[g]);
       _mm512_store_ps(sc[g], _mm512_mul_ps(av, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, d[g] + b0))));
-      if (Q4) _mm512_store_ps(mm[g], _mm512_mul_ps(av, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, m[g] + b0))));
+      if (Q4) offs = _mm512_fmadd_ps(av, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, m[g] + b0)), offs);
     }
+    _mm512_store_ps(mm, offs);
     for (int64_t bb = 0; bb < nbk; ++bb) {
       const int64_t b = b0 + bb;
       float* yp = y + b * kBlk;
       __m512 y0 = _mm512_loadu_ps(yp), y1 = _mm512_loadu_ps(yp + 16);
+      if (Q4) {
+        const __m512 o = _mm512_set1_ps(mm[bb]);
+        y0 = _mm512_add_ps(y0, o);
+        y1 = _mm512_add_ps(y1, o);
+      }
       for (int g = 0; g < G; ++g) {
         const __m512 s = _mm512_set1_ps(sc[g][bb]);
         if (Q4) {
-          const __m512 o = _mm512_set1_ps(mm[g][bb]);
           const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[g] + b * 16));
           const __m128i lo = _mm_and_si128(w16, nib), hi = _mm_and_si128(_mm_srli_epi16(w16, 4), nib);
-          y0 = _mm512_add_ps(y0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o));
-          y1 = _mm512_add_ps(y1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o));
+          y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, y0);
+          y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, y1);
         } else {
           const int8_t* qb = reinterpret_cast<const int8_t*>(q[g]) + b * kBlk;
           y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)))), s, y0);
