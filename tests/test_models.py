@@ -147,18 +147,33 @@ def test_bfloat16_dtype(tiny_gguf, temp_cache):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, temp_cache, monkeypatch):
-    from transformers import PreTrainedModel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, temp_cache, monkeypatch, dtype):
+    import gguf
 
-    def broken_save(self, path, *a, **k):
-        (path / "model.safetensors").write_bytes(b"partial")
-        raise RuntimeError("disk full")
+    calls = []
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    def broken_dequantize(data, kind):   # fails after some tensors were written
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk full")
+        return real(data, kind)
+
+    real = gguf.dequantize
+    monkeypatch.setattr(gguf, "dequantize", broken_dequantize)
     with pytest.raises(RuntimeError):
-        moyu.load(str(tiny_gguf), verbose=False)
+        moyu.load(str(tiny_gguf), dtype=dtype, verbose=False)
     assert model_entries(temp_cache) == []
     assert cache_leftovers(temp_cache) == []
+    # a later dtype added to an existing entry is all-or-nothing too
+    monkeypatch.setattr(gguf, "dequantize", real)
+    moyu.load(str(tiny_gguf), verbose=False)
+    calls.clear()
+    monkeypatch.setattr(gguf, "dequantize", broken_dequantize)
+    with pytest.raises(RuntimeError):
+        moyu.load(str(tiny_gguf), dtype=torch.bfloat16, verbose=False)
+    (entry,) = model_entries(temp_cache)
+    assert not (entry / "bfloat16").exists() and cache_leftovers(temp_cache) == []
 
 
 def test_truncated_real_gguf_is_refused_without_cache_entry(tmp_path, temp_cache):
