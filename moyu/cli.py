@@ -34,11 +34,16 @@ def options(configure: Callable[[argparse.ArgumentParser], None]):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--dtype``, shared by every command that loads a model."""
+    """``--model``, ``--dtype`` and ``--corpus``, shared by every command that loads a model
+    (and so reads text)."""
+    from .data import CORPORA
     from .models import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, .gguf file, HF folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--corpus", default="prose", choices=CORPORA,
+                   help="built-in text for calibration and evaluation: prose (Shakespeare, default) "
+                        "or code (the Python standard library, split by module)")
 
 
 def add_text_args(p: argparse.ArgumentParser, default_tokens: int = 4096) -> None:
@@ -71,7 +76,8 @@ def check_text_args(args: argparse.Namespace) -> None:
 def eval_tokens(args: argparse.Namespace, tok):
     """Token ids of the text chosen by ``--text``/``--dataset`` (default: eval corpus)."""
     from . import data
-    return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset)
+    return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset,
+                       corpus=args.corpus)
 
 
 def windows_from(args: argparse.Namespace):
@@ -149,7 +155,7 @@ def make_profile(args: argparse.Namespace, model, tok):
     if args.profile:
         return Profile.load(args.profile)
     params = method_options(args.method, args.option)
-    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
+    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus)
     return calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
                      windows=windows_from(args), progress=not getattr(args, "json", False), **params)
 
@@ -164,6 +170,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 @command("eval", "perplexity (and, with a method, KL / top-1 agreement vs dense)")
 @options(_configure_eval)
 def cmd_eval(args: argparse.Namespace) -> int:
+    from . import data
     from .evaluate import evaluate
     from .methods import check_sparsity, get_method, sparsify
     if args.method:
@@ -172,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_text_args(args)
     model, tok = load_model(args)
     ids = eval_tokens(args, tok)
-    out: dict = {"model": args.model}
+    out: dict = {"model": args.model, "text": data.corpus_label(args.corpus, args.text, args.dataset)}
     modifier = None
     if args.method or args.profile:
         prof = make_profile(args, model, tok)
@@ -251,6 +258,7 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
 @command("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot")
 @options(_configure_sweep)
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import data
     from .methods import calibration_ids, check_sparsity, get_method
     from .sweep import merge_rows, run_sweep, to_markdown, write_sweep
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -262,12 +270,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise MoyuError(f"--sparsities must be comma-separated numbers, got '{args.sparsities}'") from None
     check_text_args(args)
     model, tok = load_model(args)
-    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens), eval_tokens(args, tok), methods,
-                     sparsities, windows_from(args))
+    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=args.corpus),
+                     eval_tokens(args, tok), methods, sparsities, windows_from(args))
+    text = data.corpus_label(args.corpus, args.text, args.dataset)
     if args.merge:
-        rows = merge_rows(args.out, rows, {"model": args.model, "text": args.text or "eval corpus"})
+        rows = merge_rows(args.out, rows, {"model": args.model, "text": text})
     title = f"{args.model}: quality vs sparsity ({rows[0]['dense_ppl']:.2f} dense perplexity)"
-    write_sweep(rows, args.out, title, {"model": args.model, "text": args.text or "eval corpus"})
+    write_sweep(rows, args.out, title, {"model": args.model, "text": text})
     print(to_markdown(rows))
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.json, sweep.png")
     return 0
@@ -311,11 +320,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  full report: {out / 'report.html'}")
 
     print("\n-- 2. quality: dense vs dynamic activation on held-out text (moyu eval)")
-    ids = data.tokens(tok, "eval", args.tokens)
+    ids = data.tokens(tok, "eval", args.tokens, corpus=args.corpus)
     ref = DenseReference()
     res = evaluate(model, ids, Windows(), reference=ref, progress=True)
     print(f"  dense perplexity: {res.ppl:.3f} ({res.tokens} scored tokens, {res.seconds:.1f} s)")
-    prof = calibrate(model, calibration_ids(tok, 4096), method=args.method, sparsity=args.sparsity,
+    prof = calibrate(model, calibration_ids(tok, 4096, corpus=args.corpus), method=args.method,
+                     sparsity=args.sparsity,
                      progress=True)
     sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
     print(f"  {args.method} at {args.sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
@@ -372,7 +382,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.prompt_len, args.scored_len = 256, 256
     model, tok = load_model(args)
     prof = make_profile(args, model, tok) if (args.method or args.profile) else None
-    ids = data.tokens(tok, "eval", args.prompt_tokens)
+    ids = data.tokens(tok, "eval", args.prompt_tokens, corpus=args.corpus)
     gguf = str(builtin_gguf(args.model)) if args.model in BUILTINS else (
         args.model if args.model.endswith(".gguf") else None)
     res = bench(model, tok, prof, ids, args.new_tokens, args.runs, getattr(torch, args.dtype),
@@ -441,7 +451,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError:
         raise MoyuError(f"--k must be comma-separated ratios like 0.1,0.3,0.5, got '{args.k}'") from None
     cfg = AnalyzeConfig(tokens=args.tokens, histories=args.histories, first_n=args.first_n,
-                        rank=args.rank, ks=ks, seed=args.seed)
+                        rank=args.rank, ks=ks, seed=args.seed, corpus=args.corpus)
     earlier = [r for d in args.compare for r in load_reports(d)]
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [args.model]
     reports = []

@@ -59,13 +59,6 @@ def mem_available() -> int | None:
     return None
 
 
-def gguf_parameter_count(path: Path) -> int:
-    """Number of weights a GGUF holds (its tensors' element counts; tied heads counted once)."""
-    from gguf import GGUFReader
-
-    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
-
-
 def check_memory(parameters: int, dtype: torch.dtype, what: str) -> int:
     """Refuse, before loading, a model whose weights in ``dtype`` exceed ``MemAvailable``.
 
@@ -98,18 +91,18 @@ def empty_model(config) -> nn.Module:
 
 # ---------------------------------------------------------------- GGUF -> safetensors
 
-def _plan(gguf: Path, model: nn.Module, reader) -> tuple[list[tuple[object, str, tuple[int, ...]]], object]:
+def _plan(config, model: nn.Module, reader) -> tuple[list[tuple[object, str, tuple[int, ...]]], object]:
     """``[(gguf tensor, HF name, HF shape)]`` for every tensor the model takes, and the processor."""
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint)
+                                                          get_gguf_hf_weights_map)
 
-    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     processor_cls = TENSOR_PROCESSORS.get(arch, TensorProcessor)
-    if processor_cls not in (TensorProcessor,) and processor_cls.__name__ not in (
-            "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor"):
+    if processor_cls.__name__ not in ("TensorProcessor", "LlamaTensorProcessor",
+                                      "Gemma2TensorProcessor", "NemotronTensorProcessor"):
         raise UnsupportedLayout(arch)  # processors that rename, split or store tensors aside
-    processor = processor_cls(config=parsed["config"])
+    # the processors read head counts under transformers' config names
+    processor = processor_cls(config=config.to_dict())
     mapping = get_gguf_hf_weights_map(model, processor)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = []
@@ -134,7 +127,7 @@ def write_weights(gguf: Path, config, target: Path, dtype: torch.dtype, progress
 
     reader = GGUFReader(str(gguf))
     model = empty_model(config)
-    plan, processor = _plan(gguf, model, reader)
+    plan, processor = _plan(config, model, reader)
     del model
     itemsize = torch.empty((), dtype=dtype).element_size()
     header, offset = {}, 0

@@ -270,8 +270,8 @@ def _check_magic(path: Path) -> None:
                             "a Hugging Face folder, or a built-in name")
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file that is not a complete GGUF, in one line."""
+def check_gguf(path: Path) -> int:
+    """Refuse a file that is not a complete GGUF, in one line; return its number of weights."""
     _check_magic(path)
     try:
         from gguf import GGUFReader
@@ -281,6 +281,7 @@ def check_gguf(path: Path) -> None:
         for t in reader.tensors:
             if int(t.data_offset) + int(t.n_bytes) > size:
                 raise ValueError("tensor data past end of file")
+        return sum(int(t.n_elements) for t in reader.tensors)
     except MoyuError:
         raise
     except Exception as e:  # gguf raises assorted errors on damaged files
@@ -338,9 +339,7 @@ def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
     except (OSError, ValueError):
         parameters = None
     if parameters is None or not (folder / "model.safetensors").is_file():
-        check_gguf(gguf)
-    if parameters is None:
-        parameters = leanload.gguf_parameter_count(gguf)
+        parameters = check_gguf(gguf)
     leanload.check_memory(parameters, dtype, label or str(gguf))
     if not (entry / "moyu.json").is_file():
         # a new entry is built whole in a temporary folder: small files, then the weights

@@ -89,9 +89,9 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
         raise MoyuError("analyze needs a tokenizer or both eval_ids and calib_ids")
     from .. import data
     if eval_ids is None:
-        eval_ids = data.tokens(tok, "eval", eval_needed(cfg))
+        eval_ids = data.tokens(tok, "eval", eval_needed(cfg), corpus=cfg.corpus)
     if calib_ids is None:
-        calib_ids = data.tokens(tok, "calib", calib_needed(cfg))
+        calib_ids = data.tokens(tok, "calib", calib_needed(cfg), corpus=cfg.corpus)
     vocab, avoid = _vocab(model, tok)
     bos = bos_prefix(model, tok)
     sp: Spans = make_spans(cfg, eval_ids, calib_ids, vocab, bos, avoid)
@@ -193,7 +193,7 @@ def demo_summary(model: nn.Module, tok, tokens: int = 512) -> str:
     cfg = AnalyzeConfig(tokens=max(tokens, 128), cett_tokens=64, cett_grid=20)
     layers = layers_of(model)
     cfg.validate(layers[0].d_ff)
-    ids = data.tokens(tok, "eval", cfg.tokens)
+    ids = data.tokens(tok, "eval", cfg.tokens, corpus=cfg.corpus)
     t0 = time.perf_counter()
     o = overactivation(model, ids, cfg, bos_prefix(model, tok))
     m, per = o["mean"], o["layers"]

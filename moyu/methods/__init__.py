@@ -33,10 +33,11 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None) -> torch.Tensor:
-    """Calibration token ids: the built-in ``calib`` split (disjoint from ``eval``) or a file."""
+def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None,
+                    corpus: str = "prose") -> torch.Tensor:
+    """Calibration token ids: the ``calib`` split of a built-in corpus (disjoint from ``eval``) or a file."""
     from .. import data
-    return data.tokens(tok, "calib", tokens, text_file=text_file)
+    return data.tokens(tok, "calib", tokens, text_file=text_file, corpus=corpus)
 
 
 def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
