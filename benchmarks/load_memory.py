@@ -4,8 +4,9 @@ Each load runs in a fresh child process (so one load's peak does not hide anothe
 ``moyu.load(model, dtype)``, then one forward pass over 32 tokens, which touches every
 weight (a cached load maps its weights file, so its resident size grows as the weights are
 first used: the peak after the forward pass is the honest footprint). Reported per load:
-wall seconds of ``moyu.load``, peak RSS (``ru_maxrss``) after the load and after the
-forward pass. For each model the sequence is: float32 first load (join + dequantise into a
+wall and CPU (user + system) seconds of ``moyu.load``, the 1-minute load average around it
+(on a shared machine wall time stretches with it; CPU time much less), and peak RSS
+(``ru_maxrss``) after the load and after the forward pass. For each model the sequence is: float32 first load (join + dequantise into a
 fresh cache), float32 cached, bfloat16 first load (adds the bfloat16 folder), bfloat16
 cached.
 
@@ -27,17 +28,22 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch, moyu
+import json, os, resource, sys, time, torch, moyu
 name, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-t0 = time.perf_counter()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+t0, c0, load0 = time.perf_counter(), cpu(), os.getloadavg()[0]
 model, tok = moyu.load(name, dtype=dtype, verbose=False)
-seconds = time.perf_counter() - t0
+seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
 after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 ids = tok("def fibonacci(n):\n    if n < 2:\n        return n\n" * 3, return_tensors="pt").input_ids[:, :32]
 with torch.inference_mode():
     logits = model(ids).logits
 assert torch.isfinite(logits).all()
-print(json.dumps({"seconds": round(seconds, 1), "peak_rss_after_load": after_load,
+print(json.dumps({"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                  "load_average": round((load0 + os.getloadavg()[0]) / 2, 1),
+                  "peak_rss_after_load": after_load,
                   "peak_rss_after_forward": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "parameters": sum(p.numel() for p in model.parameters())}))
 """
@@ -55,10 +61,11 @@ def one_load(model: str, dtype: str, cache: Path) -> dict:
 
 def to_markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| model | dtype | load | seconds | peak RSS after load (GB) | peak RSS after a forward pass (GB) |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | dtype | load | wall s | CPU s | machine load | peak RSS after load (GB) "
+             "| peak RSS after a forward pass (GB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['load']} | {r['seconds']:.1f} | "
+                     f"{r['cpu_seconds']:.1f} | {r['load_average']:.1f} | "
                      f"{r['peak_rss_after_load'] / 1e9:.2f} | {r['peak_rss_after_forward'] / 1e9:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -335,11 +335,14 @@ def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
     entry = cache_dir() / "models" / key
     folder = leanload.dtype_folder(entry, dtype)
     try:
-        parameters = json.loads((entry / "moyu.json").read_text()).get("parameters")
+        meta = json.loads((entry / "moyu.json").read_text())
     except (OSError, ValueError):
-        parameters = None
+        meta = None
+    parameters = meta.get("parameters") if meta else None
     if parameters is None or not (folder / "model.safetensors").is_file():
         parameters = check_gguf(gguf)
+        if meta is not None and "parameters" not in meta:  # an entry from an older moyu
+            _atomic_write_text(entry / "moyu.json", json.dumps({**meta, "parameters": parameters}))
     leanload.check_memory(parameters, dtype, label or str(gguf))
     if not (entry / "moyu.json").is_file():
         # a new entry is built whole in a temporary folder: small files, then the weights

@@ -91,11 +91,14 @@ def test_gemma3_join_refuses_bad_checksum_and_leaves_nothing(temp_cache, monkeyp
 
 def test_list_models_shows_both_builtins_installed_with_size():
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == set(BUILTINS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(rows) == set(BUILTINS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
+                                          "qwen2.5-coder-1.5b"}
+    assert not rows["smollm2-135m"]["on_demand"] and rows["qwen2.5-coder-1.5b"]["on_demand"]
     assert rows["smollm2-135m"]["installed"] and rows["smollm2-135m"]["size_bytes"] > 50e6
     assert rows["gemma3-270m"]["installed"] and rows["gemma3-270m"]["size_bytes"] > 200e6
     for r in rows.values():
-        assert r["install"].startswith("pip install") and r["description"]
+        assert r["install"].startswith("moyu fetch " if r["on_demand"] else "pip install")
+        assert r["description"] and r["size_bytes"] > 50e6
 
 
 def test_list_models_reports_missing_package(monkeypatch):
