@@ -116,11 +116,32 @@ def _plan(config, model: nn.Module, reader) -> tuple[list[tuple[object, str, tup
     return plan, processor
 
 
+CHUNK_WEIGHTS = 1 << 24   # a large matrix is dequantised 16 M weights (64 MB in fp32) at a time
+
+
+def _row_chunks(t, shape: tuple[int, ...]):
+    """The GGUF tensor's data in blocks of whole rows (one block where rows must stay together).
+
+    Dequantising an embedding in one go holds several temporaries of its full size (GBs for
+    a 150k vocabulary); row blocks bound that. Llama's q/k rows are permuted across each
+    head by the tensor processor, so those tensors (small) stay whole.
+    """
+    data = t.data
+    whole = (len(shape) != 2 or data.ndim != 2 or data.shape[0] != shape[0]
+             or ".attn_q." in t.name or ".attn_k." in t.name)
+    if whole:
+        yield data
+        return
+    step = max(1, CHUNK_WEIGHTS // max(1, shape[1]))
+    for i in range(0, shape[0], step):
+        yield data[i:i + step]
+
+
 def write_weights(gguf: Path, config, target: Path, dtype: torch.dtype, progress: bool = False) -> int:
     """Dequantise ``gguf`` tensor by tensor into the safetensors file ``target`` (atomically).
 
-    Returns the number of parameters written. Raises :class:`UnsupportedLayout` before
-    writing anything when the GGUF does not map one-to-one onto the model's parameters.
+    Returns the number of parameters written. Raises :class:`UnsupportedLayout` (leaving
+    no file) when the GGUF does not map one-to-one onto the model's parameters.
     """
     from gguf import GGUFReader, dequantize
     from tqdm import tqdm
@@ -147,17 +168,38 @@ def write_weights(gguf: Path, config, target: Path, dtype: torch.dtype, progress
             out.write(raw)
             parsed = {"tensors": {}}
             for t, name, shape in tqdm(plan, desc="dequantising", unit="tensor", disable=not progress):
-                w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                      tensor_key_mapping={}, parsed_parameters=parsed).weights
-                w = np.ascontiguousarray(w)
-                x = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors: file views
-                if tuple(x.shape) != shape:
-                    raise UnsupportedLayout(f"{name}: {tuple(x.shape)} != {shape}")
-                x = x.to(dtype).contiguous()
-                out.write(memoryview(x.view(torch.uint8).numpy()))
-                del w, x
+                rows = 0
+                for chunk in _row_chunks(t, shape):
+                    w = processor.process(weights=dequantize(chunk, t.tensor_type), name=t.name,
+                                          tensor_key_mapping={}, parsed_parameters=parsed).weights
+                    w = np.ascontiguousarray(w)
+                    x = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32: file views
+                    if tuple(x.shape[1:]) != shape[1:]:
+                        raise UnsupportedLayout(f"{name}: {tuple(x.shape)} vs {shape}")
+                    rows += x.shape[0] if x.dim() else 1
+                    x = x.to(dtype).contiguous()
+                    out.write(memoryview(x.view(torch.uint8).numpy()))
+                    del w, x
+                if rows != (shape[0] if shape else 1):
+                    raise UnsupportedLayout(f"{name}: {rows} rows, expected {shape}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return sum(int(np.prod(s)) for _, _, s in plan)
+    count = sum(int(np.prod(s)) for _, _, s in plan)
+    del plan, processor, reader
+    release_freed_memory()
+    return count
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the memory the
+    conversion used does not stay resident under the weights loaded next."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # no glibc: nothing to trim
+        pass

@@ -190,6 +190,20 @@ def test_bfloat16_cache_never_holds_float32(tiny_gguf, temp_cache):
     assert cache_leftovers(temp_cache) == []
 
 
+def test_row_chunked_dequantisation_matches_transformers(tiny_gguf, temp_cache, monkeypatch):
+    """Large matrices are dequantised in row blocks; the result is transformers' own load."""
+    from transformers import AutoModelForCausalLM
+
+    from moyu import leanload
+
+    monkeypatch.setattr(leanload, "CHUNK_WEIGHTS", 300)     # several blocks per tiny matrix
+    model, _ = moyu.load(str(tiny_gguf), verbose=False)
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+    got = model.state_dict()
+    for name, t in ref.state_dict().items():
+        assert torch.equal(got[name], t), name
+
+
 # ---------------------------------------------------------------- the real models (slow)
 
 def _installed_or_skip(name: str) -> None:
