@@ -14,7 +14,9 @@ cached.
         --cache /tmp/moyu-load-cache [--out docs/results/scale]
 
 ``--cache`` must be a scratch folder (it is emptied per model, so first loads are first
-loads; the real cache is never touched). Writes ``load_memory.json`` and ``load_memory.md``.
+loads; the real cache is never touched). Each measured row is appended to
+``OUT/load_memory.jsonl`` at once, and a rerun keeps the models whose four rows are all
+there (resumable); then ``load_memory.json`` and ``load_memory.md`` are written.
 """
 from __future__ import annotations
 
@@ -77,25 +79,40 @@ def main() -> None:
     ap.add_argument("--cache", required=True, type=Path, help="scratch cache folder (emptied)")
     ap.add_argument("--out", type=Path, help="folder for load_memory.json / .md")
     args = ap.parse_args()
-    import moyu
-    from moyu.bench import environment
+    import platform
 
+    import torch
+
+    import moyu
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    log = args.out / "load_memory.jsonl" if args.out else None
+    done = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log and log.is_file() else []
     rows = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        mine = [r for r in done if r["model"] == model and r["dtype"] in dtypes]
+        if len(mine) == 2 * len(dtypes):          # measured by an earlier run
+            rows += mine
+            continue
         moyu.models.builtin_gguf(model) if model in moyu.models.BUILTINS else None  # installed?
         shutil.rmtree(args.cache, ignore_errors=True)
-        for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        for dtype in dtypes:
             for load in ("first", "cached"):
                 r = {"model": model, "dtype": dtype, "load": load, **one_load(model, dtype, args.cache)}
                 print(json.dumps(r), flush=True)
+                if log:
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    with open(log, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
                 rows.append(r)
     shutil.rmtree(args.cache, ignore_errors=True)
     md = to_markdown(rows)
     print(md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+        env = {"torch": torch.__version__, "python": platform.python_version(), "cores": os.cpu_count(),
+               "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)}
         (args.out / "load_memory.json").write_text(json.dumps(
-            {"rows": rows, "environment": environment(), "date": time.strftime("%Y-%m-%d")}, indent=1))
+            {"rows": rows, "environment": env, "date": time.strftime("%Y-%m-%d")}, indent=1))
         (args.out / "load_memory.md").write_text(md)
 
 

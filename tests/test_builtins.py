@@ -226,3 +226,20 @@ def test_qwen_builtin_loads_and_predicts_code(name, layers):
     ids = data.tokens(tok, "eval", 300, corpus="code")
     res = evaluate(model, ids, Windows(prompt=128, scored=128), max_windows=1)
     assert 1 < res.ppl < 20, res.ppl
+
+
+@pytest.mark.slow
+def test_qwen_half_billion_decodes_in_the_lean_runtime_like_hf_generate():
+    """moyu's dense runtime greedy-decodes the same tokens as HF generate on qwen2 (fp32)."""
+    _installed_or_skip("qwen2.5-coder-0.5b")
+    from moyu.generate import chat_ids
+    from moyu.methods.steps import lean_model
+
+    model, tok = moyu.load("qwen2.5-coder-0.5b", verbose=False)
+    prompt = chat_ids(tok, "Write a Python function that returns the square of a number.").reshape(-1)
+    with torch.inference_mode():
+        hf = model.generate(prompt[None], max_new_tokens=12, do_sample=False,
+                            pad_token_id=tok.eos_token_id)[0, prompt.numel():].tolist()
+    lean = lean_model(model, None, max_seq=prompt.numel() + 20)
+    toks, _ = lean.generate(prompt, 12)
+    assert [int(t) for t in toks][:len(hf)] == hf
