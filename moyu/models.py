@@ -289,7 +289,7 @@ def check_gguf(path: Path) -> int:
                         f"{str(e)[:80]}): re-download or reinstall the model") from None
 
 
-def _entry_files(gguf: Path, folder: Path, parameters: int, verbose: bool) -> None:
+def _entry_files(gguf: Path, folder: Path, parameters: int) -> None:
     """Write a cache entry's config, generation config, tokenizer and ``moyu.json`` into ``folder``."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -351,7 +351,7 @@ def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
         try:
             if verbose:
                 print(f"moyu: preparing {gguf.name} once (cached for later loads) ...", flush=True)
-            _entry_files(gguf, tmp, parameters, verbose)
+            _entry_files(gguf, tmp, parameters)
             _add_weights(gguf, tmp, leanload.dtype_folder(tmp, dtype), dtype, verbose)
             if not entry.exists():  # else a concurrent load won the race; keep theirs
                 os.replace(tmp, entry)
