@@ -62,3 +62,19 @@ def test_per_row_boundary_bad_input(tiny):
         sp.begin([3, -1])
     with pytest.raises(MoyuError, match="at least one dense prompt position"):
         _run(model, sp, torch.stack([_ids(10, 1)] * 2), [0, 4])
+
+
+@pytest.mark.parametrize("method", ["griffin", "sketch"])
+def test_resume_continues_a_cached_prefix_like_one_forward(tiny, one_thread, method):
+    """Prefix with begin(P), then the tail over its KV cache with resume() == one forward with begin(P)."""
+    model = tiny("llama")
+    prof = calibrate(model, _ids(160, 1), method=method, sparsity=0.5, windows=W)
+    ids = _ids(20, 7)[None]
+    sp = sparsify(model, prof)
+    whole = _run(model, sp, ids, 12)[0, 12:]
+    with torch.inference_mode(), sp:
+        sp.begin([12])
+        cache = model(ids[:, :12], use_cache=True).cache
+        sp.resume()
+        tail = model(ids[:, 12:], cache=cache, use_cache=True).logits[0]
+    assert torch.allclose(tail, whole, atol=1e-4, rtol=0)

@@ -151,6 +151,11 @@ class Sparsifier:
         self._sets = [None] * len(self.layers)
         self._prefilled = [False] * len(self.layers)
 
+    def resume(self) -> None:
+        """Following forwards continue the sequences of the last one (a KV-cached tail): every
+        position runs sparse and sequence rules keep the sets they chose from its prompt."""
+        self.prompt_len = 0
+
     def reset_counters(self) -> None:
         """Forget the measured sparsity so far."""
         self.counters = [_Counter() for _ in self.layers]
