@@ -208,7 +208,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     model, tok = load_model(args)
-    out: dict = {"command": "moyu " + " ".join(sys.argv[1:]), "model": args.model}
+    import shlex
+    out: dict = {"command": "moyu " + shlex.join(args.argv), "model": args.model}
     modifier = None
     if args.method or args.profile:
         prof = make_profile(args, model, tok)
@@ -515,6 +516,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moyu`` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # what the user typed, for the record
     _quiet_libraries()
     try:
         return _COMMANDS[args.command][1](args)

