@@ -197,6 +197,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_tasks(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--tasks", help="comma-separated: arc_easy,arc_challenge,piqa,winogrande,hellaswag,"
+                                   "boolq,sciq,openbookqa,lambada (the default) and mmlu")
+    p.add_argument("--task-file", metavar="FILE",
+                   help='your own multiple-choice items, one JSON object per line: '
+                        '{"context": str, "choices": [str, ...], "answer": int}')
+    p.add_argument("--limit", type=int, default=200, help="items per task (MMLU: per subject)")
+    p.add_argument("--prompt-len", type=int, default=256, help="calibration: dense positions per window")
+    p.add_argument("--scored-len", type=int, default=256, help="calibration: scored positions per window")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/tasks.json and DIR/tasks.md")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("tasks", "downstream accuracy (lm-evaluation-harness, offline): dense beside a method")
+@options(_configure_tasks)
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .methods import check_sparsity, get_method, sparsify
+    from .tasks import check_request, evaluate_tasks, to_markdown, write_results
+    names = check_request(args.tasks, args.task_file, args.limit)
+    if args.method:
+        get_method(args.method)
+        check_sparsity(args.sparsity)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args)
+    import shlex
+    out: dict = {"command": "moyu " + shlex.join(args.argv), "model": args.model}
+    modifier = None
+    if args.method or args.profile:
+        prof = make_profile(args, model, tok)
+        modifier = sparsify(model, prof)
+        out.update(method=prof.method, target=prof.target.get("sparsity", prof.target.get("cett")))
+    out.update(evaluate_tasks(model, tok, names, args.task_file, args.limit, modifier, progress=not args.json))
+    if args.out:
+        write_results(out, args.out)
+    print(json.dumps(out) if args.json else to_markdown(out))
+    return 0
+
+
 def _configure_methods(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
@@ -433,6 +476,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moyu`` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # what the user typed, for the record
     _quiet_libraries()
     try:
         return _COMMANDS[args.command][1](args)

@@ -18,14 +18,16 @@ Rules hold only their own parameters (thresholds, norms, activation kind, ...), 
 model: the runtime builds decode steps from them after the HF model is gone.
 
 Positions before the *dense prefix* run dense. With :meth:`Sparsifier.begin` the prefix
-is explicit (the evaluation protocol); without it, a forward of more than one token is
-a prefill (dense; sequence rules choose their sets from it) and single-token forwards
-are decode steps (sparse), which is what ``model.generate`` does.
+is explicit (the evaluation protocol), one length for the batch or one per row (an
+evaluation harness: each row's context runs dense, its answer sparse); without it, a
+forward of more than one token is a prefill (dense; sequence rules choose their sets
+from it) and single-token forwards are decode steps (sparse), which is what
+``model.generate`` does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -168,11 +170,27 @@ class Sparsifier:
         self.total_linear_bytes = sum(_layer_linear_params(ml) for ml in self.layers)
 
     # -- protocol ---------------------------------------------------------------------------
-    def begin(self, prompt_len: int | None) -> None:
-        """Positions ``< prompt_len`` of each following forward run dense (None: auto mode)."""
+    def begin(self, prompt_len: int | Sequence[int] | torch.Tensor | None) -> None:
+        """Positions ``< prompt_len`` of each following forward run dense (None: auto mode).
+
+        A sequence or 1-D tensor gives one boundary per batch row: row ``b`` runs dense
+        before ``prompt_len[b]`` and sparse from there; a sequence rule chooses each row's
+        set from that row's own prefix. Only sparse positions are counted.
+        """
+        if prompt_len is not None and not isinstance(prompt_len, int):
+            prompt_len = torch.as_tensor(prompt_len, dtype=torch.long).reshape(-1)
+            if prompt_len.numel() == 0 or bool((prompt_len < 0).any()):
+                raise MoyuError("prompt boundaries must be one non-negative length per batch row")
+        elif prompt_len is not None and prompt_len < 0:
+            raise MoyuError(f"prompt length {prompt_len} is negative: pass the number of dense positions")
         self.prompt_len = prompt_len
         self._sets = [None] * len(self.layers)
         self._prefilled = [False] * len(self.layers)
+
+    def resume(self) -> None:
+        """Following forwards continue the sequences of the last one (a KV-cached tail): every
+        position runs sparse and sequence rules keep the sets they chose from its prompt."""
+        self.prompt_len = 0
 
     def reset_counters(self) -> None:
         """Forget the measured sparsity so far."""
@@ -199,7 +217,9 @@ class Sparsifier:
             return _layer_linear_params(self.layers[i])
         return self.layers[i].d_ff
 
-    def _dense_prefix(self, i: int, t: int) -> int:
+    def _dense_prefix(self, i: int, t: int) -> int | torch.Tensor:
+        if isinstance(self.prompt_len, torch.Tensor):
+            return self.prompt_len.clamp(max=t)
         if self.prompt_len is not None:
             return min(self.prompt_len, t)
         if t > 1 or not self._prefilled[i]:
@@ -227,8 +247,10 @@ class Sparsifier:
     def _install_neuron(self, i: int, ml: MLPLayer, rule: NeuronRule | None) -> None:
         if rule is None:  # a dense layer among sparse ones: count it, change nothing
             def count(a):
-                c, t = self.counters[i], self._dense_prefix(i, a.shape[-2])
-                n = a[..., t:, :].numel()
+                a = a if a.dim() == 3 else a[None]
+                p, sparse = _rows(self._dense_prefix(i, a.shape[1]), a.shape[0], a.shape[1])
+                n = (a[:, p:].shape[0] * a[:, p:].shape[1] if sparse is None else int(sparse.sum())) * a.shape[2]
+                c = self.counters[i]
                 c.kept += n
                 c.total += n
             self._handles.append(ml.tap("act", count))
@@ -248,8 +270,11 @@ class Sparsifier:
             if squeeze:
                 a = a[None]
             t = a.shape[1]
-            p = self._dense_prefix(i, t)
-            if rule.sequence and p > 0:
+            bounds = self._dense_prefix(i, t)
+            p, sparse = _rows(bounds, a.shape[0], t)
+            if rule.sequence and sparse is not None:   # each row chooses from its own prefix
+                self._sets[i] = torch.cat([_choose(rule, a, inp, int(q), r) for r, q in enumerate(bounds)])
+            elif rule.sequence and p > 0:
                 self._sets[i] = rule.choose(a[:, :p], inp.cut(slice(None, p)))
             if p >= t:
                 return None
@@ -263,11 +288,14 @@ class Sparsifier:
             else:
                 keep = rule.mask(a[:, p:], tail_inp)
             new_tail = rule.apply(a[:, p:], keep, tail_inp)
+            if sparse is not None:   # rows whose boundary lies further keep these positions dense
+                new_tail = torch.where(sparse[..., None], new_tail, a[:, p:])
+                keep = keep & sparse[..., None]
             c = self.counters[i]
             n_keep = float(keep.sum())
+            n_tok = keep.shape[0] * keep.shape[1] if sparse is None else int(sparse.sum())
             c.kept += n_keep
-            c.total += keep.numel()
-            n_tok = keep.numel() / dff
+            c.total += n_tok * dff
             kept_reads = 1 - rule.full_reads if rule.kept_reads is None else rule.kept_reads
             c.skipped_bytes += mlp_params * ((1 - rule.full_reads) * n_tok - kept_reads * n_keep / dff)
             out = torch.cat([a[:, :p], new_tail], 1) if p else new_tail
@@ -290,21 +318,48 @@ class Sparsifier:
                 # the later ones reuse its decision.
                 if role in ("q", "qkv"):
                     self._p_cache[i] = self._dense_prefix(i, t)
-                p = self._p_cache[i] if self.prompt_len is None else min(self.prompt_len, t)
+                p, sparse = _rows(self._p_cache[i] if self.prompt_len is None
+                                  else self._dense_prefix(i, t), x.shape[0], t)
                 if p >= t:
                     return None
                 keep = rule.keep(role, x[:, p:])
+                if sparse is not None:
+                    keep = keep | ~sparse[..., None]
                 # counted in weights (a channel of a wide linear skips more bytes)
                 c = self.counters[i]
                 n_keep = float(keep.sum())
+                n_all = keep.numel() if sparse is None else int(sparse.sum()) * keep.shape[-1]
+                if sparse is not None:
+                    n_keep -= float((~sparse).sum()) * keep.shape[-1]
                 c.kept += n_keep * outf
-                c.total += keep.numel() * outf
-                c.skipped_bytes += (keep.numel() - n_keep) * outf
+                c.total += n_all * outf
+                c.skipped_bytes += (n_all - n_keep) * outf
                 tail = x[:, p:] * keep.to(x.dtype)
                 out = torch.cat([x[:, :p], tail], 1) if p else tail
                 return (out[0] if squeeze else out,)
 
             self._handles.append(mod.register_forward_pre_hook(pre))
+
+
+def _rows(p: int | torch.Tensor, b: int, t: int) -> tuple[int, torch.Tensor | None]:
+    """The smallest dense prefix of a batch and, for boundaries that differ per row, the
+    mask [B, t - prefix] of the positions from it on that run sparse (None: all of them)."""
+    if not isinstance(p, torch.Tensor):
+        return p, None
+    if p.numel() != b:
+        raise MoyuError(f"{p.numel()} prompt boundaries for a batch of {b} rows: pass one per row")
+    lo = int(p.min())
+    if bool((p == lo).all()):
+        return lo, None
+    return lo, torch.arange(lo, t)[None, :] >= p[:, None]
+
+
+def _choose(rule: NeuronRule, a: torch.Tensor, inp: LayerInputs, p: int, r: int) -> torch.Tensor:
+    """A sequence rule's keep-mask [1, d_ff] for row ``r`` from its own first ``p`` positions."""
+    if p == 0:
+        raise MoyuError("a sequence method needs at least one dense prompt position per row")
+    cut = (lambda v: None if v is None else v[r:r + 1, :p])
+    return rule.choose(a[r:r + 1, :p], LayerInputs(cut(inp.x), cut(inp.g), cut(inp.u), cut(inp.x_prev)))
 
 
 def _layer_linear_params(ml: MLPLayer) -> int:

