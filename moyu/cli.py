@@ -451,6 +451,105 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model, method and context options of the commands that decode text (generate/chat/serve)."""
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--ctx", type=int, default=2048, help="context window in tokens: prompt + reply (KV cache)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """``--max-tokens``/``--temperature``/``--top-p``/``--seed``/``--stop``."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share (with --temperature)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    """The :class:`~moyu.engine.GenerationParams` of the sampling options, checked."""
+    from .engine import GenerationParams
+    params = GenerationParams(args.max_tokens, args.temperature, args.top_p, args.seed, tuple(args.stop))
+    params.check()
+    return params
+
+
+def load_engine(args: argparse.Namespace):
+    """The :class:`~moyu.engine.Engine` for the model/method/context options (load + calibrate)."""
+    import contextlib
+    import torch
+    from pathlib import Path
+    from .engine import build_engine
+    from .methods import check_sparsity
+    from .methods.steps import check_decodable
+    if args.method:
+        check_sparsity(args.sparsity)
+        check_decodable(args.method, args.sparsity)
+    args.prompt_len, args.scored_len = 256, 256
+    with contextlib.redirect_stdout(sys.stderr):     # stdout carries the answer only
+        model, tok = load_model(args)
+        prof = make_profile(args, model, tok) if (args.method or args.profile) else None
+    name = Path(args.model).name if args.model.lower().endswith(".gguf") else args.model
+    return build_engine(model, tok, prof, getattr(torch, args.dtype), args.ctx, name=name)
+
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a text file")
+    add_sampling_args(p, 256)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn (chat template)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+
+
+@command("generate", "continue a prompt on the lean runtime, streaming the text (greedy by default)")
+@options(_configure_generate)
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .terminal import generate, read_prompt
+    params = sampling_params(args)
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
+    if not prompt:
+        raise MoyuError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE")
+    generate(load_engine(args), prompt, params, chat=args.chat, as_json=args.json)
+    return 0
+
+
+def _configure_chat(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    add_sampling_args(p, 512)
+    p.add_argument("--system", help="system message kept at the top of the conversation")
+
+
+@command("chat", "chat in the terminal on the lean runtime (/reset, /exit; Ctrl-C stops a reply)")
+@options(_configure_chat)
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .terminal import chat
+    params = sampling_params(args)
+    chat(load_engine(args), params, system=args.system)
+    return 0
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MOYU_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get 503")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
+
+
+@command("serve", "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) on the lean runtime")
+@options(_configure_serve)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import check_server_options, serve
+    api_key = args.api_key or os.environ.get("MOYU_API_KEY") or None
+    check_server_options(args.port, args.max_queue, args.timeout)
+    serve(load_engine(args), args.host, args.port, api_key, args.max_queue, args.timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     from . import __version__

@@ -1,0 +1,321 @@
+"""An OpenAI-compatible HTTP server for one :class:`~moyu.engine.Engine` (FastAPI + uvicorn).
+
+Requests run one at a time on the batch-1 runtime, in one worker thread, so the event loop
+stays free to accept, queue and refuse. At most ``max_queue`` requests wait behind the
+running one; more get 503 at once. A request that outlives ``timeout`` seconds (queue wait
+included) is stopped between two tokens and answered 504 (or, once a stream has started,
+with an error event). A client that disconnects, mid-stream or while queued, cancels its
+request: the runtime is free again after at most one more token.
+"""
+import asyncio
+import hmac
+import json
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
+
+from .engine import Completion, Engine
+from .errors import MoyuError
+from .openai_api import (APIError, Request, chunk, error_body, model_card, parse_request, response,
+                         usage_chunk)
+
+log = logging.getLogger("moyu.server")
+_POLL_S = 0.1            # how often a waiting request checks for its client's disconnect
+
+
+def _require_server_stack():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MoyuError("`moyu serve` needs FastAPI and uvicorn: pip install 'moyu[serve]'") from None
+
+
+def check_server_options(port: int, max_queue: int, timeout: float) -> None:
+    """One-line :class:`MoyuError` on bad server options or a missing server stack (before a model loads)."""
+    if not 0 < port < 65536:
+        raise MoyuError(f"--port must be in 1..65535, got {port}")
+    if max_queue < 0:
+        raise MoyuError(f"--max-queue must be >= 0, got {max_queue}")
+    if timeout <= 0:
+        raise MoyuError(f"--timeout must be > 0 seconds, got {timeout}")
+    _require_server_stack()
+
+
+class Gate:
+    """One request on the runtime at a time, at most ``max_queue`` waiting behind it."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """True while a request holds the runtime."""
+        return self._lock.locked()
+
+    async def enter(self, deadline: float, gone: Callable[[], Any]) -> None:
+        """Wait for the runtime; 503 when the queue is full or ``deadline`` passes first.
+
+        ``gone()`` (awaitable) is polled: a client that left stops waiting.
+        """
+        if self._lock.locked() and self.waiting >= self.max_queue:
+            raise APIError(503, f"the server is busy: one request is running and {self.waiting} "
+                                "are queued; retry later", "server_error", "server_busy")
+        self.waiting += 1
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(503, "timed out waiting for the runtime; retry later",
+                                   "server_error", "queue_timeout")
+                try:
+                    await asyncio.wait_for(self._lock.acquire(), min(left, _POLL_S))
+                    return
+                except (asyncio.TimeoutError, TimeoutError):
+                    if await gone():
+                        raise APIError(499, "client closed the request", code="client_closed")
+        finally:
+            self.waiting -= 1
+
+    def leave(self) -> None:
+        """Free the runtime (called on the event loop once the worker has stopped)."""
+        self._lock.release()
+
+
+class _Job:
+    """One request's run on the worker thread, cancellable from the event loop."""
+
+    def __init__(self, engine: Engine, req: Request, deadline: float):
+        self.engine, self.req, self.deadline = engine, req, deadline
+        self.stop = threading.Event()
+
+    def cancelled(self) -> bool:
+        """Checked between tokens: client gone or deadline passed."""
+        return self.stop.is_set() or time.monotonic() > self.deadline
+
+    @property
+    def timed_out(self) -> bool:
+        """True once the deadline has passed."""
+        return time.monotonic() > self.deadline
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
+               timeout: float = 300.0, max_body: int = 1 << 20):
+    """The FastAPI app serving ``engine``: ``/v1/chat/completions``, ``/v1/completions``,
+    ``/v1/models``, ``/health``. ``api_key``: required as ``Authorization: Bearer KEY`` on /v1."""
+    _require_server_stack()
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HTTPRequest
+
+    check_server_options(8000, max_queue, timeout)
+    app = FastAPI(title="moyu", docs_url=None, redoc_url=None, openapi_url=None)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moyu-runtime")
+    started = int(time.time())
+    state: dict[str, Gate] = {}
+
+    def gate() -> Gate:   # made on first use, inside the server's event loop
+        if "gate" not in state:
+            state["gate"] = Gate(max_queue)
+        return state["gate"]
+
+    def err(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return err(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}: see /v1/models, "
+                    "/v1/chat/completions, /v1/completions, /health",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(msg, code=code), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return JSONResponse(error_body("invalid request"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(error_body("internal server error (see the server log)", "server_error"),
+                            status_code=500)
+
+    def authorize(request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request) -> bytes:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body:
+            raise APIError(413, f"the request body exceeds {max_body} bytes", code="request_too_large")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_body:
+                raise APIError(413, f"the request body exceeds {max_body} bytes", code="request_too_large")
+        return bytes(data)
+
+    async def admit(request, kind: str) -> tuple[Request, _Job]:
+        authorize(request)
+        req = parse_request(engine, kind, await read_body(request))
+        job = _Job(engine, req, time.monotonic() + timeout)
+        await gate().enter(job.deadline, request.is_disconnected)
+        return req, job
+
+    def run_on_worker(job: _Job, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run ``fn`` on the runtime thread; the gate opens when it returns, however it ends."""
+        loop = asyncio.get_running_loop()
+        g = gate()
+
+        def work():
+            try:
+                return fn()
+            finally:
+                loop.call_soon_threadsafe(g.leave)
+        try:
+            return loop.run_in_executor(executor, work)
+        except BaseException:
+            g.leave()
+            raise
+
+    async def complete(request, req: Request, job: _Job):
+        fut = run_on_worker(job, lambda: engine.complete(req.ids, req.params, job.cancelled))
+        while not fut.done():
+            await asyncio.wait({fut}, timeout=_POLL_S)
+            if not fut.done() and await request.is_disconnected():
+                job.stop.set()
+        c: Completion = fut.result()
+        if c.finish_reason == "cancelled":
+            if job.timed_out:
+                raise APIError(504, f"the request took longer than the server's {timeout:g} s timeout",
+                               "server_error", "timeout")
+            raise APIError(499, "client closed the request", code="client_closed")
+        return JSONResponse(response(req, c, engine))
+
+    def stream(req: Request, job: _Job):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def produce():
+            s = engine.stream(req.ids, req.params, job.cancelled)
+            try:
+                for piece in s:
+                    loop.call_soon_threadsafe(q.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(q.put_nowait, ("done", s.completion))
+            except BaseException as e:
+                loop.call_soon_threadsafe(q.put_nowait, ("error", e))
+                raise
+            finally:
+                s.close()
+        run_on_worker(job, produce)
+
+        def sse(obj: dict) -> bytes:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            if req.kind == "chat":
+                yield sse(chunk(req, engine, first=True))
+            while True:
+                kind, value = await q.get()
+                if kind == "piece":
+                    yield sse(chunk(req, engine, text=value))
+                    continue
+                if kind == "error":
+                    log.error("stream failed: %r", value)
+                    yield sse(error_body("internal server error (see the server log)", "server_error"))
+                elif value.finish_reason == "cancelled":
+                    if job.timed_out:
+                        yield sse(error_body(f"the request took longer than the server's {timeout:g} s "
+                                             "timeout", "server_error", "timeout"))
+                else:
+                    yield sse(chunk(req, engine, finish=value.finish_reason))
+                    if req.include_usage:
+                        yield sse(usage_chunk(req, value, engine))
+                    yield b"data: [DONE]\n\n"
+                return
+
+        return _cancelling_stream(events(), job.stop.set, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def handle(request: HTTPRequest, kind: str):
+        req, job = await admit(request, kind)
+        if req.stream:
+            try:
+                return stream(req, job)
+            except BaseException:
+                job.stop.set()
+                raise
+        return await complete(request, req, job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await handle(request, "completion")
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        authorize(request)
+        return {"object": "list", "data": [model_card(engine, started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: HTTPRequest):
+        authorize(request)
+        if model_id != engine.name:
+            raise APIError(404, f"the model '{model_id}' does not exist: this server runs '{engine.name}'",
+                           code="model_not_found")
+        return model_card(engine, started)
+
+    @app.get("/health")
+    async def health():
+        g = gate()
+        return {"status": "ok", "model": engine.name, "busy": g.busy or engine.busy,
+                "queued": g.waiting, "max_queue": max_queue}
+
+    app.state.executor = executor
+    return app
+
+
+def _cancelling_stream(content: AsyncIterator[bytes], on_close: Callable[[], None], **kw):
+    """A streaming response that calls ``on_close`` however it ends (finished, client gone,
+    or never started), so the runtime never goes on decoding for nobody."""
+    from starlette.responses import StreamingResponse
+
+    class CancellingStream(StreamingResponse):
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                on_close()
+    return CancellingStream(content, **kw)
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_queue: int = 8, timeout: float = 300.0, log_level: str = "info") -> None:
+    """Serve ``engine`` until interrupted (Ctrl-C)."""
+    _require_server_stack()
+    import uvicorn
+    app = create_app(engine, api_key, max_queue, timeout)
+    where = f"http://{host}:{port}/v1"
+    print(f"moyu serve: {engine.name} ({engine.method or 'dense'}, context {engine.max_seq}) on {where}"
+          + ("  (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print("moyu serve: warning: listening beyond localhost without --api-key", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
