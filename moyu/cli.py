@@ -454,8 +454,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, method and context options of the commands that decode text (generate/chat/serve)."""
     add_model_args(p)
+    add_weights_arg(p)
     add_method_args(p)
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens: prompt + reply (KV cache)")
+    p.set_defaults(prompt_len=256, scored_len=256)   # calibration windows (no text options here)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -478,20 +480,18 @@ def sampling_params(args: argparse.Namespace):
 def load_engine(args: argparse.Namespace):
     """The :class:`~moyu.engine.Engine` for the model/method/context options (load + calibrate)."""
     import contextlib
-    import torch
     from pathlib import Path
     from .engine import build_engine
     from .methods import check_sparsity
-    from .methods.steps import check_decodable
+    from .runtime import check_decodable
     if args.method:
         check_sparsity(args.sparsity)
         check_decodable(args.method, args.sparsity)
-    args.prompt_len, args.scored_len = 256, 256
     with contextlib.redirect_stdout(sys.stderr):     # stdout carries the answer only
         model, tok = load_model(args)
         prof = make_profile(args, model, tok) if (args.method or args.profile) else None
     name = Path(args.model).name if args.model.lower().endswith(".gguf") else args.model
-    return build_engine(model, tok, prof, getattr(torch, args.dtype), args.ctx, name=name)
+    return build_engine(model, tok, prof, args.weights, args.ctx, name=name)
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:

@@ -349,15 +349,16 @@ def _eos_ids(model: nn.Module, tok) -> list[int]:
     return sorted(ids)
 
 
-def build_engine(model: nn.Module, tok, profile=None, dtype: torch.dtype = torch.float32,
+def build_engine(model: nn.Module, tok, profile=None, weights: "str | torch.dtype" = "fp32",
                  max_seq: int = 2048, name: str | None = None) -> Engine:
-    """Convert ``model`` (dense, or running ``profile``'s method) into an :class:`Engine`.
+    """Convert ``model`` (dense, or running ``profile``'s method) into an :class:`Engine`
+    whose runtime holds its weights in the format ``weights`` (fp32, bf16, int8, int4).
 
     The HF model may be dropped afterwards: the engine keeps only the packed runtime.
     """
-    from .methods.steps import lean_model
+    from .runtime import lean_model
     if max_seq < 2:
         raise MoyuError(f"the context window must be >= 2 tokens, got {max_seq}")
-    runtime = lean_model(model, profile, dtype, max_seq)
+    runtime = lean_model(model, profile, weights, max_seq)
     return Engine(runtime, tok, name or getattr(model, "moyu_name", "model"), _eos_ids(model, tok),
                   method=profile.method if profile is not None else None)

@@ -29,7 +29,7 @@ def engine(tiny_llm):
 
 
 def test_greedy_matches_runtime_generate(engine, tiny_llm, one_thread):
-    from moyu.methods.steps import lean_model
+    from moyu.runtime import lean_model
     model, tok = tiny_llm
     ids = engine.encode("the cat sat on the mat")
     lean = lean_model(model, None, max_seq=96)
@@ -42,7 +42,7 @@ def test_greedy_matches_runtime_generate(engine, tiny_llm, one_thread):
 
 
 def test_seeded_sampling_matches_runtime_generate(engine, tiny_llm, one_thread):
-    from moyu.methods.steps import lean_model
+    from moyu.runtime import lean_model
     model, _ = tiny_llm
     ids = engine.encode("then the")
     lean = lean_model(model, None, max_seq=96)
