@@ -55,9 +55,12 @@ def cpu_name() -> str:
 
 def environment() -> dict[str, Any]:
     """What the numbers were measured on."""
-    from .kernels import backend_name
+    from .kernels import backend_name, quant_isa
+    from .kernels._build import _cpu_flags
+    simd = sorted(f for f in _cpu_flags() if f.startswith(("avx", "fma", "f16c")))
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "cores": os.cpu_count(), "kernel_backend": backend_name(), "python": platform.python_version()}
+            "cpu_flags": " ".join(simd), "cores": os.cpu_count(), "kernel_backend": backend_name(),
+            "quant_isa": quant_isa(), "python": platform.python_version()}
 
 
 @dataclass

@@ -445,8 +445,12 @@ def test_env_forces_backend(tmp_path):
 
 @needs_cpp
 def test_cached_build_is_quiet_and_survives_stale_lock():
-    build_dir = _build.cache_dir() / _build.extension_name()
-    (build_dir / "lock").touch()  # what a build killed mid-way leaves behind
+    name = _build.extension_name()
+    build_dir = _build.cache_dir() / name
+    # what a build killed mid-way leaves behind; made under the build lock so that no other
+    # process is inside a build of this cache right now (it would wait on the fake baton)
+    with _build._exclusive(build_dir.parent / f"{name}.flock"):
+        (build_dir / "lock").touch()
     res = _run(_PROBE, MOYU_KERNELS="cpp")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0] == "cpp" and res.stderr == ""
