@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import MoyuError
+from .runtime.lean import LeanModel
 
 # Prompt tokens decoded before the new ones, so a piece keeps the spacing it has in context
 # (SentencePiece drops a leading space when decoding a sequence that starts with it).
@@ -88,24 +89,6 @@ class Completion:
     def decode_tok_s(self) -> float:
         """Decode tokens per second (the first token comes from prefill)."""
         return max(len(self.tokens) - 1, 0) / max(self.decode_s, 1e-9)
-
-
-def pick_token(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
-               gen: torch.Generator | None) -> int:
-    """The next token: argmax, or a draw with temperature and nucleus (top-p) filtering.
-
-    The same rule and generator use as :meth:`LeanModel.generate`, so a seeded engine
-    stream and the runtime's own generate draw the same tokens (tests/test_engine.py).
-    """
-    if greedy or temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        drop = (torch.cumsum(sp, 0) - sp) > top_p
-        sp[drop] = 0.0
-        return int(si[torch.multinomial(sp, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 class Detokenizer:
@@ -301,7 +284,7 @@ class Engine:
             t1 = time.perf_counter()
             out.prefill_s = t1 - t0
             while True:
-                tok = pick_token(logits, params.greedy, params.temperature, params.top_p, gen)
+                tok = LeanModel.pick(logits, params.greedy, params.temperature, params.top_p, gen)
                 out.tokens.append(tok)
                 out.decode_s = time.perf_counter() - t1   # kept current for readers mid-stream
                 if tok in self.eos:

@@ -309,7 +309,7 @@ class LeanModel:
         logits = self.prefill(ids)
         t1 = time.perf_counter()
         for step in range(max_new_tokens):
-            tok = self._pick(logits, greedy, temperature, top_p, gen)
+            tok = self.pick(logits, greedy, temperature, top_p, gen)
             out.append(tok)
             if tok in eos or step == max_new_tokens - 1:
                 break
@@ -323,8 +323,10 @@ class LeanModel:
                             f"{self.max_seq}: rebuild with LeanModel.from_hf(..., max_seq=N)")
 
     @staticmethod
-    def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float,
-              gen: torch.Generator | None) -> int:
+    def pick(logits: Tensor, greedy: bool, temperature: float, top_p: float,
+             gen: torch.Generator | None) -> int:
+        """The next token: argmax, or a draw with temperature and nucleus (top-p) filtering
+        (what :meth:`generate` and the serving engine both use, so seeded draws agree)."""
         if greedy or temperature <= 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / temperature, dim=-1)
