@@ -21,11 +21,13 @@ tail continues it with the method on, :meth:`~moyu.methods.base.Sparsifier.resum
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -282,9 +284,11 @@ def run_harness(model: nn.Module, tok, configs: list[dict[str, Any]], limit: int
     tm = TaskManager(include_defaults=False)
 
     def go():
-        return lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=tm, limit=limit,
-                                       bootstrap_iters=1000, log_samples=True, random_seed=0,
-                                       numpy_random_seed=0, torch_random_seed=0)
+        # lm-eval prints notes (e.g. "bootstrapping for stddev") to stdout: keep --json clean
+        with contextlib.redirect_stdout(sys.stderr):
+            return lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=tm, limit=limit,
+                                           bootstrap_iters=1000, log_samples=True, random_seed=0,
+                                           numpy_random_seed=0, torch_random_seed=0)
     if modifier is None:
         return go()
     with modifier:
