@@ -1,7 +1,7 @@
 """Served speed vs the runtime's own: `moyu serve` driven by the ``openai`` client, beside
 ``LeanModel.generate`` for the same model, method, prompt and length, in one run.
 
-The method is calibrated once and saved as a profile; this process builds its engine from
+The method is calibrated once (`moyu calibrate`) and saved as a profile; this process builds its engine from
 that profile (through ``moyu.cli.load_engine``, as the CLI does) and starts ``moyu serve
 --profile`` in a separate process, as a user would. Each round, alternately: a streamed
 ``/v1/completions`` request (time to first token = first SSE chunk; tokens/s over the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from moyu import data  # noqa: E402
 from moyu.bench import environment  # noqa: E402
-from moyu.cli import add_engine_args, load_engine, load_model, make_profile  # noqa: E402
+from moyu.cli import add_engine_args, load_engine  # noqa: E402
 from moyu.engine import GenerationParams  # noqa: E402
 
 FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
@@ -112,10 +112,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.prompt_len, args.scored_len = 256, 256
         profile = None
-        if args.method:          # calibrate once; server and runtime load the same profile
-            model, tok = load_model(args)
-            profile = make_profile(args, model, tok).save(Path(tmp) / "profile.json")
-            del model
+        if args.method:          # calibrate once, in its own process; server and runtime load the profile
+            profile = Path(tmp) / "profile.moyu"
+            cmd = [sys.executable, "-m", "moyu.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
+                   "--method", args.method, "--sparsity", str(args.sparsity), "--calib-tokens",
+                   str(args.calib_tokens), "--out", str(profile)] + [f"--option={o}" for o in args.option]
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.DEVNULL)
             args.profile, args.method = str(profile), None
         engine = load_engine(args)
         ids = data.tokens(engine.tok, "eval", args.prompt_tokens).tolist()
