@@ -62,10 +62,12 @@ class SlowRuntime:
 def engine(tiny_gguf):
     import moyu
     import torch
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)       # tiny matmuls only lose to thread hand-offs
     model, tok = moyu.load(str(tiny_gguf), verbose=False)
     fast = build_engine(model, tok, None, max_seq=CTX, name=tiny_gguf.name)
-    return Engine(SlowRuntime(fast.runtime, DELAY), tok, fast.name, sorted(fast.eos))
+    yield Engine(SlowRuntime(fast.runtime, DELAY), tok, fast.name, sorted(fast.eos))
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
