@@ -1,14 +1,13 @@
 """Served speed vs the runtime's own: `moyu serve` driven by the ``openai`` client, beside
-``LeanModel.generate`` for the same model, method, prompt and length, in one run.
+`moyu bench` for the same model, profile, prompt and length, in one run.
 
-The method is calibrated once and saved as a profile; this process builds its engine from
-that profile (through ``moyu.cli.load_engine``, as the CLI does) and starts ``moyu serve
---profile`` in a separate process, as a user would. Each round, alternately: a streamed
-``/v1/completions`` request (time to first token = first SSE chunk; tokens/s over the
-whole request; decode tokens/s between the first and the last chunk), then the runtime's
-own ``generate`` of exactly as many tokens from the same prompt ids, then the engine's
-in-process stream (to separate HTTP cost from the engine's detokenisation). Medians and
-ratios of medians are reported, with the CPU and its flags.
+The method is calibrated once (`moyu calibrate`) and saved as a profile. `moyu bench
+--profile` then times the runtime's own decode (moyu dense and sparse alternately, medians),
+and `moyu serve --profile` is started in a separate process, as a user would run it, and
+sent the same prompt ids as a streamed ``/v1/completions`` request each round: time to
+first token (first SSE chunk), tokens/s over the whole request and decode tokens/s
+between the first and the last chunk. Each process decodes alone (the other idles).
+Reports medians, the ratio served / runtime, and the CPU with its flags.
 
     python benchmarks/bench_serve.py --model smollm2-135m --method sketch-reuse --sparsity 0.5
         [--prompt-tokens 64] [--new-tokens 128] [--runs 5] [--json]
@@ -26,15 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moyu import data  # noqa: E402
 from moyu.bench import environment  # noqa: E402
-from moyu.cli import add_engine_args, load_engine, load_model, make_profile  # noqa: E402
-from moyu.engine import GenerationParams  # noqa: E402
+from moyu.cli import add_method_args, add_model_args  # noqa: E402
 
 FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -99,73 +95,72 @@ def served(client, name: str, ids: list[int], new: int) -> dict:
             "tokens": n, "text": "".join(text)}
 
 
+def run_bench(args, profile: str | None) -> dict:
+    """`moyu bench --json` for the same configuration (the runtime's own decode speed)."""
+    cmd = [sys.executable, "-m", "moyu.cli", "bench", "--model", args.model, "--dtype", args.dtype, "--no-hf",
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--runs", str(args.runs), "--json"] + (["--profile", profile] if profile else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["moyu_sparse" if profile else "moyu_dense"] | {"sparsity": res.get("sparsity")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_args(ap)
+    add_model_args(ap)
+    add_method_args(ap)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    args.ctx = args.prompt_tokens + args.new_tokens + 8
     import openai
 
+    import moyu
+    _, tok = moyu.load(args.model, verbose=False)
+    ids = data.tokens(tok, "eval", args.prompt_tokens).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        args.prompt_len, args.scored_len = 256, 256
-        profile = None
-        if args.method:          # calibrate once; server and runtime load the same profile
-            model, tok = load_model(args)
-            profile = make_profile(args, model, tok).save(Path(tmp) / "profile.json")
-            del model
-            args.profile, args.method = str(profile), None
-        engine = load_engine(args)
-        ids = data.tokens(engine.tok, "eval", args.prompt_tokens).tolist()
+        profile = args.profile
+        if args.method:          # calibrate once, in its own process; bench and server load the profile
+            profile = str(Path(tmp) / "profile.moyu")
+            cmd = [sys.executable, "-m", "moyu.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
+                   "--method", args.method, "--sparsity", str(args.sparsity), "--calib-tokens",
+                   str(args.calib_tokens), "--out", profile] + [f"--option={o}" for o in args.option]
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.DEVNULL)
+        runtime = run_bench(args, profile)
         port = free_port()
-        proc = start_server(args, str(profile) if profile else None, port)
+        proc = start_server(args, profile, port)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                    timeout=600)
             name = wait_up(client, proc)
-            rows = {"served": [], "runtime": [], "engine": []}
-            for r in range(args.runs + 1):          # round 0 warms up both sides
-                s = served(client, name, ids, args.new_tokens)
-                engine.runtime.reset()
-                toks, t = engine.runtime.generate(torch.tensor(ids), s["tokens"])
-                c = engine.complete(ids, GenerationParams(max_tokens=s["tokens"]))
-                if r == 0:
-                    same = s["text"] == engine.tok.decode(toks, skip_special_tokens=True) == c.text
-                    continue
-                rows["served"].append(s)
-                rows["runtime"].append({"ttft_s": t.prefill_s, "tok_s": t.tok_s, "decode_tok_s": t.decode_tok_s})
-                rows["engine"].append({"ttft_s": c.prefill_s, "tok_s": c.tok_s, "decode_tok_s": c.decode_tok_s})
+            rows = [served(client, name, ids, args.new_tokens) for _ in range(args.runs + 1)][1:]  # 1st: warm-up
         finally:
             proc.terminate()
             proc.wait(30)
 
-    med = {k: {m: round(statistics.median(r[m] for r in v), 4) for m in ("ttft_s", "tok_s", "decode_tok_s")}
-           for k, v in rows.items()}
-    out = {"model": args.model, "method": engine.method,
-           "target": None if engine.method is None else args.sparsity,
-           "sparsity": None if engine.sparsity() is None else round(engine.sparsity(), 4),
-           "prompt_tokens": len(ids), "new_tokens": rows["served"][0]["tokens"], "runs": args.runs,
-           "same_greedy_text": same, **med,
-           "served_vs_runtime_tok_s": round(med["served"]["tok_s"] / med["runtime"]["tok_s"], 3),
-           "served_vs_runtime_decode": round(med["served"]["decode_tok_s"] / med["runtime"]["decode_tok_s"], 3),
-           "served_tok_s_runs": [round(r["tok_s"], 2) for r in rows["served"]],
-           "runtime_tok_s_runs": [round(r["tok_s"], 2) for r in rows["runtime"]],
+    med = {m: round(statistics.median(r[m] for r in rows), 4) for m in ("ttft_s", "tok_s", "decode_tok_s")}
+    out = {"model": args.model, "method": args.method, "target": args.sparsity if args.method else None,
+           "sparsity": runtime["sparsity"], "prompt_tokens": len(ids), "new_tokens": rows[0]["tokens"],
+           "runs": args.runs, "served": med,
+           "runtime": {"tok_s": runtime["tok_s"], "decode_tok_s": runtime["decode_tok_s"]},
+           "served_vs_runtime_tok_s": round(med["tok_s"] / runtime["tok_s"], 3),
+           "served_vs_runtime_decode": round(med["decode_tok_s"] / runtime["decode_tok_s"], 3),
+           "served_tok_s_runs": [round(r["tok_s"], 2) for r in rows], "runtime_tok_s_runs": runtime["runs"],
            "environment": {**environment(), "cpu_flags": cpu_flags(), "load_avg": os.getloadavg()}}
     if args.json:
         print(json.dumps(out))
         return 0
     env = out["environment"]
-    print(f"{args.model} {engine.method or 'dense'} (sparsity {out['sparsity']}), prompt {len(ids)} tokens, "
+    print(f"{args.model} {args.method or 'dense'} (sparsity {out['sparsity']}), prompt {len(ids)} tokens, "
           f"{out['new_tokens']} new, median of {args.runs}; {env['cpu']} ({', '.join(env['cpu_flags'])}), "
           f"{env['threads']} threads, load average {env['load_avg'][0]:.1f}")
-    for k in ("runtime", "engine", "served"):
-        m = med[k]
-        print(f"  {k:<8} time to first token {1000 * m['ttft_s']:7.1f} ms   {m['tok_s']:7.2f} tok/s   "
-              f"decode {m['decode_tok_s']:7.2f} tok/s")
-    print(f"  served / runtime: {out['served_vs_runtime_tok_s']} (tok/s), {out['served_vs_runtime_decode']} "
-          f"(decode); same greedy text: {same}")
+    print(f"  runtime (moyu bench)  {runtime['tok_s']:7.2f} tok/s   decode {runtime['decode_tok_s']:7.2f} tok/s")
+    print(f"  served (openai)       {med['tok_s']:7.2f} tok/s   decode {med['decode_tok_s']:7.2f} tok/s   "
+          f"time to first token {1000 * med['ttft_s']:.0f} ms")
+    print(f"  served / runtime: {out['served_vs_runtime_tok_s']} (tok/s), {out['served_vs_runtime_decode']} (decode)")
     return 0
 
 

@@ -50,7 +50,7 @@ class Gate:
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
-        self.waiting = 0
+        self.admitted = 0            # running + waiting, counted at once (not when the lock is taken)
         self._lock = asyncio.Lock()
 
     @property
@@ -58,15 +58,20 @@ class Gate:
         """True while a request holds the runtime."""
         return self._lock.locked()
 
+    @property
+    def waiting(self) -> int:
+        """Requests admitted but not yet running."""
+        return max(self.admitted - (1 if self._lock.locked() else 0), 0)
+
     async def enter(self, deadline: float, gone: Callable[[], Any]) -> None:
         """Wait for the runtime; 503 when the queue is full or ``deadline`` passes first.
 
         ``gone()`` (awaitable) is polled: a client that left stops waiting.
         """
-        if self._lock.locked() and self.waiting >= self.max_queue:
-            raise APIError(503, f"the server is busy: one request is running and {self.waiting} "
+        if self.admitted > self.max_queue:
+            raise APIError(503, f"the server is busy: one request is running and {self.admitted - 1} "
                                 "are queued; retry later", "server_error", "server_busy")
-        self.waiting += 1
+        self.admitted += 1
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -79,11 +84,13 @@ class Gate:
                 except (asyncio.TimeoutError, TimeoutError):
                     if await gone():
                         raise APIError(499, "client closed the request", code="client_closed")
-        finally:
-            self.waiting -= 1
+        except BaseException:
+            self.admitted -= 1
+            raise
 
     def leave(self) -> None:
         """Free the runtime (called on the event loop once the worker has stopped)."""
+        self.admitted -= 1
         self._lock.release()
 
 

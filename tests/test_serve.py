@@ -40,12 +40,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "moyu.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
-
-
 class SlowRuntime:
     """A runtime whose decode steps take ``delay`` seconds longer (same outputs)."""
 
@@ -68,21 +62,28 @@ class SlowRuntime:
 def engine(tiny_gguf):
     import moyu
     import torch
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)       # tiny matmuls only lose to thread hand-offs
     model, tok = moyu.load(str(tiny_gguf), verbose=False)
     fast = build_engine(model, tok, None, max_seq=CTX, name=tiny_gguf.name)
-    return Engine(SlowRuntime(fast.runtime, DELAY), tok, fast.name, sorted(fast.eos))
+    yield Engine(SlowRuntime(fast.runtime, DELAY), tok, fast.name, sorted(fast.eos))
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_gguf):
     """`moyu generate --json` for PROMPT: plain and as a chat turn."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = {key: subprocess.Popen([sys.executable, "-m", "moyu.cli", "generate", "--model", str(tiny_gguf),
+                                    "--ctx", str(CTX), "--prompt", PROMPT, "--max-tokens", str(NEW), "--json",
+                                    *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=env, cwd=ROOT)
+             for key, extra in (("completion", []), ("chat", ["--chat"]))}   # in parallel: start-up dominates
     out = {}
-    for key, extra in (("completion", []), ("chat", ["--chat"])):
-        r = cli("generate", "--model", str(tiny_gguf), "--ctx", str(CTX), "--prompt", PROMPT,
-                "--max-tokens", str(NEW), "--json", *extra)
-        assert r.returncode == 0, r.stderr
-        out[key] = json.loads(r.stdout.strip().splitlines()[-1])
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        out[key] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 
@@ -307,7 +308,8 @@ def test_api_key(engine, reference):
 
 def test_serve_command(tiny_gguf, reference):
     """The real `moyu serve` process: starts, answers as `moyu generate` does, stops on SIGINT."""
-    assert cli("serve", "--model", str(tiny_gguf), "--port", "70000").returncode == 2
+    from moyu.cli import main
+    assert main(["serve", "--model", str(tiny_gguf), "--port", "70000"]) == 2    # before any model loads
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "moyu.cli", "serve", "--model", str(tiny_gguf),
