@@ -126,7 +126,7 @@ def test_runtime_logits_equal_evaluation_path(arch, method):
     assert 0 < float(runtime_sparsity.mean()) < 1
 
 
-@pytest.mark.parametrize("method", ["dense", "cats", "sketch-reuse", "griffin", "tda", "dejavu", "teal"])
+@pytest.mark.parametrize("method", DECODABLE)
 def test_runtime_outlives_the_hf_model(method):
     """The runtime owns its tensors: with the HF model deleted, decoding still gives the same logits."""
     import gc

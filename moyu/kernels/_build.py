@@ -122,16 +122,20 @@ def _record(build_dir: Path, module: ModuleType) -> None:
 def extension_name() -> str:
     """Build name: instruction set and source hash, so no build is shared by different
     CPUs or different sources (two checkouts never rebuild over each other)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
-    return f"moyu_sparse_{_isa_flags()[0]}_{digest}"
+    return f"moyu_sparse_{_isa_flags()[0]}_{_digest(_SOURCE)}"
+
+
+def _digest(source: Path) -> str:
+    """Hash of a source file's bytes and of its path: torch's build files name the source by
+    path, so two checkouts sharing one build directory would rebuild over each other."""
+    return hashlib.sha256(str(source.resolve()).encode() + source.read_bytes()).hexdigest()[:10]
 
 
 def quant_extension_name() -> str:
     """Build name of the quantized kernels. They are compiled for the baseline x86-64
     instruction set and choose their AVX2 / AVX-512 VNNI code path at run time from the
     CPU's flags, so one build is safe on every CPU: the tag says so, the hash keys the source."""
-    digest = hashlib.sha256(_QUANT_SOURCE.read_bytes()).hexdigest()[:10]
-    return f"moyu_quant_rtdispatch_{digest}"
+    return f"moyu_quant_rtdispatch_{_digest(_QUANT_SOURCE)}"
 
 
 def build_extension() -> ModuleType:

@@ -24,10 +24,10 @@ def check_decodable(method_name: str, sparsity: float = 0.5) -> None:
     """One-line MoyuError if ``method_name`` has no decode path in the lean runtime."""
     if sparsity == 0 or decodable(method_name):
         return
-    rule = get_method(method_name).rule_type.__name__
+    method = get_method(method_name)
     ok = ", ".join(n for n in METHODS if decodable(n))
-    raise MoyuError(f"method '{method_name}' has no decode path in the lean runtime (no step for "
-                    f"its {rule}; oracle is the quality ceiling, not a speed path): bench one of {ok}")
+    raise MoyuError(f"method '{method_name}' has no decode path in the lean runtime (no step for its "
+                    f"{method.rule_type.__name__}: {method.summary}); bench one of {ok}")
 
 
 def mlp_factory(model: nn.Module, profile: Profile, fmt: "str | WeightFormat" = "fp32"
