@@ -6,7 +6,9 @@ positions: memory is ``layers x samples x d_ff`` whatever the text length.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,14 +52,16 @@ def calib_starts(n_tokens: int, windows: Windows, max_windows: int) -> list[int]
 
 def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[str],
             per_window: int = 64, max_windows: int = 16, prompts: bool = False,
-            seed: int = 0, progress: bool = False) -> CalibSamples:
+            seed: int = 0, progress: bool = False, during: Any = None) -> CalibSamples:
     """Run the dense model over calibration windows and sample what ``streams`` name.
 
     ``streams`` are any of ``a`` (MLP activation), ``g`` (gate pre-activation), ``u`` (up
     output), ``x`` (MLP input), ``xa`` (attention input) and ``xo`` (input of the attention
     output projection), sampled at ``per_window`` random scored positions per
     window. With ``prompts=True`` the full prompt activations ``a[:P]`` of every window are
-    kept too (for sequence-level methods).
+    kept too (for sequence-level methods). ``during``: a context manager (a sparsifier)
+    entered after the sampling hooks, so the samples are what each module receives from
+    the sparsified layers before it, before its own rule acts.
     """
     from tqdm import tqdm
 
@@ -86,7 +90,7 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
                 out.prompts[i].append(a3[0, :p].detach().float().clone())
             handles.append(ml.tap("act", prompt_act))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (during or contextlib.nullcontext()):
             for s in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
                 n = min(per_window, windows.scored)
                 pos = torch.randperm(windows.scored, generator=gen)[:n]

@@ -15,7 +15,10 @@ Thresholds are quantiles of each projection's calibration input scores. Deviatio
 (documented in docs/methods.md): the last step is trimmed so the block lands exactly on
 the target, the error is measured on the scored positions of moyu's windows (prompt
 positions stay dense, as in evaluation), and the default step is coarser than TEAL's
-(0.05) and the block is replayed on two quarter-length windows, to fit a CPU. ``allocation="uniform"`` gives every projection the target.
+(0.05) and the block is replayed on two quarter-length windows, to fit a CPU; and
+thresholds are re-estimated (``refine`` passes, default 1) on the inputs each projection
+sees with the thresholds applied, because dense-model quantiles overshoot the target on
+held-out text (upstream sparsity leaves more small channels downstream). ``allocation="uniform"`` gives every projection the target.
 """
 from __future__ import annotations
 
@@ -154,6 +157,8 @@ class TealOptions(CalibOptions):
         "help": "greedy (TEAL: by block output error) or uniform (every projection at the target)"})
     step: float = field(default=0.25, metadata={
         "min": 1e-3, "help": "greedy step of a d x d projection (TEAL's base step; others scale by size)"})
+    refine: int = field(default=1, metadata={
+        "min": 0, "help": "passes re-estimating thresholds on the inputs seen under sparsity (0: TEAL's dense quantiles)"})
     greedy_windows: int = field(default=2, metadata={
         "min": 2, "help": "short calibration windows the block is replayed on to measure its output error"})
 
@@ -180,13 +185,10 @@ class Teal(Method):
         rw = Windows(prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
         if opts.allocation == "greedy" and s > 0:
             calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
-        out = []
+        out, levels = [], []
         for ml in layers:
             sc = self.scales(ml)
-            scores = {}
-            for r in roles(ml):
-                x = samples.cat(ROLE_STREAM[r], ml.index)
-                scores[r] = SortedScores(x.abs() * sc[r] if r in sc else x.abs())
+            scores = self._scores(ml, samples, sc)
             sizes = role_sizes(ml)
             if calls is None:
                 level = {r: s for r in scores}
@@ -196,7 +198,28 @@ class Teal(Method):
                 level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
             for r in scores:
                 prof.set_layer(ml.index, f"tau_{r}", torch.tensor(scores[r].tau(level[r])))
+            levels.append(level)
             out.append(sum(level[r] * sizes[r] for r in sizes) / sum(sizes.values()))
+        for _ in range(opts.refine if s > 0 else 0):
+            # Dense-model quantiles overshoot once upstream projections are sparse (their
+            # outputs have more small channels): re-estimate each threshold, at the same
+            # level, on the inputs seen with the current thresholds applied.
+            sp = self.build(self.model, prof)
+            sp.begin(self.windows.prompt)
+            again = C.collect(self.model, self.ids, self.windows, self.streams, per_window=opts.per_window,
+                              max_windows=opts.calib_windows, during=sp)
+            for ml, level in zip(layers, levels):
+                scores = self._scores(ml, again, self.scales(ml))
+                for r in scores:
+                    prof.set_layer(ml.index, f"tau_{r}", torch.tensor(scores[r].tau(level[r])))
+        return out
+
+    def _scores(self, ml: MLPLayer, samples: C.CalibSamples, sc: dict[str, torch.Tensor]
+                ) -> dict[str, SortedScores]:
+        out = {}
+        for r in roles(ml):
+            x = samples.cat(ROLE_STREAM[r], ml.index)
+            out[r] = SortedScores(x.abs() * sc[r] if r in sc else x.abs())
         return out
 
     def input_rule(self, prof, ml):
