@@ -84,7 +84,7 @@ class Mlp:
 
     def pack(self) -> PackedMLP:
         return pack_mlp(self.w_up, self.w_down, self.act, w_gate=self.w_gate, b_up=self.b_up,
-                        b_gate=self.b_gate, b_down=self.b_down, dtype=self.dtype)
+                        b_gate=self.b_gate, b_down=self.b_down, fmt=self.dtype)
 
     def gate_act(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w_gate if self.w_gate is not None else self.w_up
@@ -391,7 +391,7 @@ def test_pack_layout_and_validation():
     assert p.nbytes == (3 * D_FF * D + 2 * D_FF + D) * 4
     assert mlp.pack().slice(torch.arange(D_FF)).w_in.shape == p.w_in.shape
     bf = pack_mlp(mlp.w_up, mlp.w_down, "relu", fmt=torch.bfloat16)
-    assert not bf.gated and bf.w_in.shape == (D_FF, 1, D) and bf.dtype == torch.bfloat16
+    assert not bf.gated and bf.w_in.shape == (D_FF, 1, D) and bf.w_in.dtype == torch.bfloat16 and bf.fmt.name == "bf16"
     assert bf.b_in is None and bf.b_down is None
     lin = pack_linear(mlp.w_up, mlp.b_up)
     assert lin.wt.shape == (D, D_FF) and lin.in_features == D and lin.out_features == D_FF
