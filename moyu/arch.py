@@ -33,6 +33,7 @@ class ArchSpec:
     qkv: str | None = None          # fused q/k/v projection
     o: str = "o_proj"
     conv1d: bool = False            # GPT-2 style Conv1D: weight stored as [in, out]
+    decoder: str | None = "llama"   # the lean runtime's converter family (None: no runtime path)
 
     @property
     def gated(self) -> bool:
@@ -53,7 +54,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # model_type "gemma3" is the multimodal Gemma3ForConditionalGeneration: its decoder
     # sits under the language model (the text-only LM is "gemma3_text").
     "gemma3": ArchSpec(layers="model.language_model.layers", mlp="mlp", gate="gate_proj",
-                       up="up_proj", down="down_proj", act="act_fn"),
+                       up="up_proj", down="down_proj", act="act_fn", decoder=None),
     "gemma3_text": _LLAMA,
     "granite": _LLAMA,
     "olmo": _LLAMA,
@@ -61,12 +62,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                      down="down_proj", act="activation_fn", q=None, k=None, v=None,
                      qkv="qkv_proj"),
     "gpt2": ArchSpec(layers="transformer.h", mlp="mlp", up="c_fc", down="c_proj", act="act",
-                     attn="attn", q=None, k=None, v=None, qkv="c_attn", o="c_proj", conv1d=True),
+                     attn="attn", q=None, k=None, v=None, qkv="c_attn", o="c_proj", conv1d=True,
+                     decoder="gpt2"),
     "opt": ArchSpec(layers="model.decoder.layers", mlp="", up="fc1", down="fc2",
-                    act="activation_fn", o="out_proj"),
+                    act="activation_fn", o="out_proj", decoder="opt"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp="mlp", up="dense_h_to_4h",
                          down="dense_4h_to_h", act="act", attn="attention", q=None, k=None,
-                         v=None, qkv="query_key_value", o="dense"),
+                         v=None, qkv="query_key_value", o="dense", decoder="neox"),
 }
 
 

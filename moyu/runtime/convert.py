@@ -13,14 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import MLPLayer, mlp_layers, spec_for
+from ..arch import ARCHITECTURES, MLPLayer, mlp_layers, spec_for
 from ..errors import MoyuError
 from .. import kernels as K
 from .steps import LinearFactory, MLPFactory, MLPStep
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "gemma", "gemma2",
-              "gemma3_text", "phi3")
-
 
 class Norm:
     """RMSNorm or LayerNorm with its weights held as plain tensors (fp32)."""
@@ -276,13 +272,14 @@ def _neox(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
 def build_spec(model: nn.Module, mlp_factory: MLPFactory, linear: LinearFactory | None,
                default: LinearFactory, max_seq: int) -> LeanSpec:
     """The :class:`LeanSpec` of an HF causal LM (the lm_head is attached by the caller)."""
-    spec_for(model)  # one-line MoyuError for an unknown architecture
-    mt = model.config.model_type
-    if mt in LLAMA_LIKE:
-        fn = _llama_like
-    elif mt in ("gpt2", "opt", "gpt_neox"):
-        fn = {"gpt2": _gpt2, "opt": _opt, "gpt_neox": _neox}[mt]
-    else:
-        raise MoyuError(f"the lean runtime does not support '{mt}' (use HF generate): it runs "
-                        f"{', '.join(LLAMA_LIKE + ('gpt2', 'opt', 'gpt_neox'))}")
+    arch = spec_for(model)  # one-line MoyuError for an unknown architecture
+    fn = _CONVERTERS.get(arch.decoder)
+    if fn is None:
+        runs = ", ".join(t for t, a in ARCHITECTURES.items() if a.decoder in _CONVERTERS)
+        raise MoyuError(f"the lean runtime does not support '{model.config.model_type}' (use HF "
+                        f"generate): it runs {runs}")
     return fn(model, mlp_layers(model), mlp_factory, linear, default, max_seq)
+
+
+# The converter of each decoder family; the architecture table (moyu.arch) names a row's family.
+_CONVERTERS = {"llama": _llama_like, "gpt2": _gpt2, "opt": _opt, "neox": _neox}
