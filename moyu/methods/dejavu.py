@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..predictor import topk_mask
 from .base import LayerInputs, NeuronRule, down_norms
 from .calib import quantile
 from .method import Method, keep_count, register
@@ -45,13 +46,6 @@ def reduced_rank(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Ten
     return w @ v, v.t().contiguous(), b  # A [d, r], B [r, k]
 
 
-def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    keep = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
-    return keep
-
-
 def _mlp_bytes(d: int, d_ff: int, gated: bool) -> int:
     return d_ff * d * (3 if gated else 2)
 
@@ -72,7 +66,7 @@ class PredictorRule(NeuronRule):
         self.full_reads = r * (d + d_ff) / _mlp_bytes(d, d_ff, gated)
 
     def mask(self, act: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
-        return _topk_mask((inp.x.float() @ self.a) @ self.b + self.bias, self.k)
+        return topk_mask((inp.x.float() @ self.a) @ self.b + self.bias, self.k)
 
 
 class LookaheadPredictorRule(NeuronRule):
@@ -95,7 +89,7 @@ class LookaheadPredictorRule(NeuronRule):
         return (x_prev.float() @ self.w1) @ self.w2
 
     def mask(self, act: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
-        return _topk_mask(self.logits(inp.x_prev), self.k)
+        return topk_mask(self.logits(inp.x_prev), self.k)
 
 
 def fit_classifier(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int = 20,
