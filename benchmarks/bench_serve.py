@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from moyu import data  # noqa: E402
 from moyu.bench import environment  # noqa: E402
-from moyu.cli import add_method_args, add_model_args  # noqa: E402
+from moyu.cli import add_method_args, add_model_args, add_weights_arg  # noqa: E402
 
 FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -55,6 +55,7 @@ def free_port() -> int:
 
 def start_server(args, profile: str | None, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moyu.cli", "serve", "--model", args.model, "--dtype", args.dtype,
+           "--weights", args.weights,
            "--ctx", str(args.ctx), "--port", str(port), "--max-queue", "1"]
     if profile:
         cmd += ["--profile", profile]
@@ -98,6 +99,7 @@ def served(client, name: str, ids: list[int], new: int) -> dict:
 def run_bench(args, profile: str | None) -> dict:
     """`moyu bench --json` for the same configuration (the runtime's own decode speed)."""
     cmd = [sys.executable, "-m", "moyu.cli", "bench", "--model", args.model, "--dtype", args.dtype, "--no-hf",
+           "--weights", args.weights,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--runs", str(args.runs), "--json"] + (["--profile", profile] if profile else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -108,6 +110,7 @@ def run_bench(args, profile: str | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(ap)
+    add_weights_arg(ap)
     add_method_args(ap)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
