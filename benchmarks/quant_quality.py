@@ -30,8 +30,9 @@ def window_logits(lean, ids: torch.Tensor, w: Windows, starts: list[int]) -> lis
     out = []
     for s in starts:
         win = ids[s: s + w.prompt + w.scored]
-        logits = lean.logits(win, n_prefill=w.prompt + 1)       # row 0 predicts position prompt + 1
-        out.append(logits[:w.scored])
+        # rows are positions: the prompt is prefilled dense, every scored position is a decode step
+        logits = lean.logits(win, n_prefill=w.prompt)
+        out.append(logits[w.prompt: w.prompt + w.scored])
     return out
 
 
