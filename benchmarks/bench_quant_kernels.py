@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import measure, random_idx  # noqa: E402
 
-from moyu.bench import cpu_name  # noqa: E402
+from moyu.bench import cpu_flags, cpu_name  # noqa: E402
 from moyu.kernels import PackedLinear, backend_name, input_sparse_linear, pack_mlp, sparse_mlp  # noqa: E402
 from moyu.kernels import quant_ops  # noqa: E402
 from moyu.kernels.quant import QuantMLP, quantize_mlp  # noqa: E402
 from moyu.kernels.quant_ops import (ISAS, q_axpy, q_matvec, q_mlp, q_mlp_act, q_sketch_mlp,  # noqa: E402
                                     quant_backend_name, quant_isa)
 
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni")
 
 
 @dataclass
@@ -49,18 +48,6 @@ class Layer:
     a: torch.Tensor
     down_norm: dict[str, torch.Tensor]
     tau50: dict[str, float]
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags of interest that /proc/cpuinfo lists."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def make_layers(n: int, d: int, d_ff: int) -> list[Layer]:

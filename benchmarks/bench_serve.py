@@ -29,22 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moyu import data  # noqa: E402
-from moyu.bench import environment  # noqa: E402
+from moyu.bench import cpu_flags, environment  # noqa: E402
 from moyu.cli import add_method_args, add_model_args, add_weights_arg  # noqa: E402
 
-FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags the kernels care about that this CPU reports."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def free_port() -> int:

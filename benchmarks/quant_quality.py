@@ -56,7 +56,7 @@ def main() -> None:
     rows = []
     for fmt in args.formats.split(","):
         for name, p in (("dense", None), (args.method, prof)):
-            if name is None:
+            if not name:
                 continue
             t0 = time.perf_counter()
             lean = lean_model(model, p, fmt, max_seq=w.prompt + w.scored + 8)

@@ -53,13 +53,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD flags of this CPU that decide the kernels' code paths (AVX, FMA, AVX-512, AMX ...)."""
+    from .kernels._build import _cpu_flags
+    return sorted(f for f in _cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))
+
+
 def environment() -> dict[str, Any]:
     """What the numbers were measured on."""
     from .kernels import backend_name, quant_isa
-    from .kernels._build import _cpu_flags
-    simd = sorted(f for f in _cpu_flags() if f.startswith(("avx", "fma", "f16c")))
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "cpu_flags": " ".join(simd), "cores": os.cpu_count(), "kernel_backend": backend_name(),
+            "cpu_flags": " ".join(cpu_flags()), "cores": os.cpu_count(), "kernel_backend": backend_name(),
             "quant_isa": quant_isa(), "python": platform.python_version()}
 
 
