@@ -96,7 +96,11 @@ def pack_layer(layer: MLPLayer, fmt: "str | WeightFormat" = "fp32"):
     args = dict(w_gate=layer.w_gate, b_up=layer.b_up, b_gate=layer.b_gate, b_down=layer.b_down)
     if fmt.quantized:
         from ..kernels.quant import quantize_mlp
-        return quantize_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt.name, **args)
+        # int4: the down projection stays int8. Its GGUF blocks run along d_ff and ours along d
+        # (neuron-major, so skipped neurons are never read): a 4-bit re-quantization across the
+        # other axis costs most of int4's quality loss
+        down = "int8" if fmt.name == "int4" else fmt.name
+        return quantize_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt.name, down_fmt=down, **args)
     return K.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt=fmt, **args)
 
 
