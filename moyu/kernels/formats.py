@@ -35,10 +35,6 @@ class WeightFormat:
         """True for block-quantized integer formats."""
         return self.dtype is None
 
-    def nbytes(self, n_weights: int) -> int:
-        """Bytes that ``n_weights`` weights take in this format."""
-        return int(n_weights * self.bits) // 8
-
     def __str__(self) -> str:
         return self.name
 

@@ -114,8 +114,8 @@ class SketchStep(DenseMLPStep):
         self.reuse = bool(rule.reuse) or fmt.quantized
         if fmt.quantized:
             self.sketch_nbytes = 0
-            self._run = lambda x: self.kernels.sketch(x, self.packed, self._down_norm, tau, self._out)
-            self._down_norm = self.packed.down_norm()
+            down_norm = self.packed.down_norm()
+            self._run = lambda x: self.kernels.sketch(x, self.packed, down_norm, tau, self._out)
         else:
             self.sketch_nbytes = sk.nbytes
             args = (sk.codes, sk.scales, sk.bias, sk.down_norm, tau)
