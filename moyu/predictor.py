@@ -45,13 +45,32 @@ class LowRankPredictor:
         """Rebuild a predictor saved with :meth:`state_dict`."""
         return cls(**{k: sd[k].clone() for k in ("mu", "sigma", "U", "V", "b")})
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same map on raw inputs: ``(A [d, r], B [r, d_ff], bias)`` with ``scores = (x @ A) @ B + bias``."""
+        a = self.U / self.sigma[:, None]
+        return a, self.V.clone(), self.b - (self.mu @ a) @ self.V
+
     def nbytes(self) -> int:
         """Memory of the parameters."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression with intercept: ``(W [d, k], b [k])`` minimising ``|xW + b - y|^2 + lam' |W|^2``.
+
+    ``lam`` is relative: ``lam' = lam * mean(diag(x_c^T x_c))``, so it does not depend on
+    the scale of ``x``. Solved in float64.
+    """
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = (x - xm).double(), (y - ym).double()
+    gram = xc.t() @ xc
+    gram += lam * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, xc.t() @ yc).float()
+    return w, ym - xm @ w
+
+
 def fit_lowrank(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int = 0, seed: int = 0,
-                ridge: float = 1e-2, lr: float = 1e-2) -> LowRankPredictor:
+                ridge_lam: float = 1e-2, lr: float = 1e-2) -> LowRankPredictor:
     """Fit a rank-``rank`` linear map from ``X: [n, d]`` to target scores ``Y: [n, d_ff]``.
 
     The closed form (reduced-rank ridge regression) is already the squared-error optimum
@@ -62,22 +81,20 @@ def fit_lowrank(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int = 0, see
     if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
         raise ValueError(f"fit_lowrank needs X [n, d] and Y [n, d_ff], got {tuple(X.shape)} "
                          f"and {tuple(Y.shape)}")
-    X, Y = X.float(), Y.float()   # float32: the ridge term keeps the solve well-conditioned
+    X, Y = X.float(), Y.float()
     n, d = X.shape
     rank = max(1, min(rank, d, Y.shape[1]))
     mu = X.mean(0)
     sigma = X.std(0, unbiased=False).clamp_min(1e-6)
     Z = (X - mu) / sigma
-    b = Y.mean(0)
+    W, b = ridge(Z, Y, ridge_lam)                   # [d, d_ff], [d_ff]
     Yc = Y - b
-    W = torch.linalg.solve(Z.T @ Z + ridge * n * torch.eye(d, dtype=Z.dtype), Z.T @ Yc)  # [d, d_ff]
     # Reduced-rank regression: project onto the top right-singular vectors of the fit Z W.
     # Randomised SVD: only the top-r directions are needed, and a full SVD of [n, d_ff] is slow.
     torch.manual_seed(seed)
     _, _, Vr = torch.svd_lowrank(Z @ W, q=min(rank + 10, min(n, Y.shape[1])), niter=3)
     P = Vr[:, :rank].T                              # [r, d_ff]
     U, V = (W @ P.T).float(), P.float().clone()
-    Zf, Ycf = Z.float(), Yc.float()
     if steps > 0:
         U.requires_grad_(True)
         V.requires_grad_(True)
@@ -85,7 +102,7 @@ def fit_lowrank(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int = 0, see
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad()
-                loss = ((Zf @ U) @ V - Ycf).pow(2).mean()
+                loss = ((Z @ U) @ V - Yc).pow(2).mean()
                 loss.backward()
                 opt.step()
         U, V = U.detach(), V.detach()

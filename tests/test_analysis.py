@@ -112,6 +112,8 @@ def test_predictor_roundtrip_and_recall():
     q = LowRankPredictor.from_state_dict(p.state_dict())
     assert torch.equal(q.scores(X), p.scores(X))
     assert p.scores(X[:3, None]).shape == (3, 1, 64)
+    a, b, bias = p.folded()                                  # dejavu-linear's raw-input form
+    assert torch.allclose((X @ a) @ b + bias, p.scores(X), atol=1e-4)
     bad = fit_lowrank(X, torch.randn(400, 64, generator=g), rank=4)
     assert topk_recall(bad.scores(X[:100]), Y[:100], 16) < 0.5
     p2 = fit_lowrank(X, Y, rank=4, steps=5)

@@ -10,7 +10,8 @@
   neuron is labelled active when its contribution ``|a_i| * ||W_down[:, i]||`` is above
   the layer's calibration quantile at the target sparsity. Top-k of the logits runs.
 * ``dejavu-linear`` (moyu's earlier, RODA-style variant): a rank-r linear map from the
-  current MLP input to every neuron's contribution (reduced-rank ridge, closed form).
+  current MLP input to every neuron's contribution (reduced-rank ridge, closed form:
+  :func:`moyu.predictor.fit_lowrank`, the same fit the history analysis uses).
 
 Both are trained on CPU in seconds from calibration activations.
 """
@@ -20,30 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..predictor import topk_mask
+from ..predictor import fit_lowrank, topk_mask
 from .base import LayerInputs, NeuronRule, down_norms
 from .calib import quantile
 from .method import Method, keep_count, register
 from .options import CalibOptions
-
-
-def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge regression with intercept: returns (W [d, k], b [k]) minimising ||xW + b - y||^2 + lam||W||^2."""
-    xm, ym = x.mean(0), y.mean(0)
-    xc, yc = (x - xm).double(), (y - ym).double()
-    gram = xc.t() @ xc
-    gram += lam * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    w = torch.linalg.solve(gram, xc.t() @ yc)
-    return w.float(), (ym - xm @ w.float())
-
-
-def reduced_rank(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` ridge predictor ``(x @ A) @ B + b`` via SVD of the full fit's predictions."""
-    w, b = ridge(x, y)
-    fitted = (x - x.mean(0)) @ w
-    _, _, vh = torch.linalg.svd(fitted, full_matrices=False)
-    v = vh[:rank].t()                    # [k, r]: top output directions
-    return w @ v, v.t().contiguous(), b  # A [d, r], B [r, k]
 
 
 def _mlp_bytes(d: int, d_ff: int, gated: bool) -> int:
@@ -173,7 +155,7 @@ class DejaVuLinear(Method):
     def fit_layer(self, prof, ml, samples, target, opts):
         x, a = samples.cat("x", ml.index), samples.cat("a", ml.index)
         y = a.abs() * down_norms(ml)
-        pa, pb, bias = reduced_rank(x, y, min(opts.rank, x.shape[1]))
+        pa, pb, bias = fit_lowrank(x, y, opts.rank).folded()
         for name, t in (("A", pa), ("B", pb), ("bias", bias)):
             prof.set_layer(ml.index, name, t)
         return float(target["sparsity"])

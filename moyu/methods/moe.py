@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import LayerInputs, NeuronRule, down_norms
-from .dejavu import ridge
+from ..predictor import ridge
 from .method import Method, register
 from .options import CalibOptions
 
