@@ -63,7 +63,7 @@ def time_split(lean: LeanModel, ids: torch.Tensor, reps: int = 20) -> dict[str, 
     the parts add up to roughly the step; ``rest`` is attention core, norms, RoPE, cache
     writes and Python overhead.
     """
-    s = lean.spec
+    s = lean.flat
     lean.prefill(ids)
     pos0 = lean.pos
 

@@ -66,7 +66,7 @@ def main() -> None:
             row = {"weights": fmt, "method": name, "ppl": math.exp(nll / n), "tokens": n,
                    "weight_bytes": lean.nbytes, "seconds": round(time.perf_counter() - t0, 1)}
             if p is not None:
-                row["sparsity"] = round(1 - sum(L.mlp.kept_share for L in lean.spec.layers) / len(lean.spec.layers), 4)
+                row["sparsity"] = round(1 - sum(L.mlp.kept_share for L in lean.layers) / len(lean.layers), 4)
             if ref is None:
                 ref = logits
             lp_ref = [F.log_softmax(r, -1) for r in ref]

@@ -105,7 +105,7 @@ def _hf_variant(model: nn.Module, ids: torch.Tensor, new: int, tok) -> Variant:
 def _metered(lean) -> list:
     """The runtime's steps that report their own bytes read per token (sparse ones)."""
     parts = []
-    for L in lean.spec.layers:
+    for L in lean.layers:
         parts += [p for p in (L.mlp, *L.qkv, L.o) if hasattr(p, "bytes_per_token")]
     return parts
 
@@ -208,8 +208,8 @@ def bench(model: nn.Module, tok, profile=None, prompt_ids: torch.Tensor | None =
         if include_hf:
             out["speedup_vs_hf"] = round(s / out["hf_dense"]["tok_s"], 3)
         # neuron methods: share of MLP neurons not computed; TEAL/WINA: share of MLP weights not read
-        out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.spec.layers), 4)
-        out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.spec.layers), 4)
+        out["sparsity"] = round(1 - statistics.mean(L.mlp.kept_share for L in sparse.layers), 4)
+        out["slice_seconds"] = round(sum(getattr(L.mlp, "slice_seconds", 0.0) for L in sparse.layers), 4)
         out["memory_ratio"] = round(out["moyu_sparse"]["memory_bytes"] / out["moyu_dense"]["memory_bytes"], 3)
     if "llamacpp" in out:   # the peer on the same GGUF, timed in the same rounds
         out["llamacpp_tok_s"] = out["llamacpp"]["tok_s"]

@@ -317,7 +317,7 @@ class Engine:
         """Mean share of MLP neurons (or weights, for input methods) skipped so far; None when dense."""
         if self.method is None:
             return None
-        shares = [getattr(L.mlp, "kept_share", 1.0) for L in self.runtime.spec.layers]
+        shares = [getattr(L.mlp, "kept_share", 1.0) for L in self.runtime.layers]
         return 1 - sum(shares) / len(shares)
 
     def describe(self) -> dict:

@@ -422,7 +422,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
 
     The model is returned in eval mode with ``model.moyu_name`` set to ``name_or_path``.
     """
-    from .arch import spec_for
+    from .arch import architecture_of
 
     path = Path(name_or_path).expanduser()
     if name_or_path in BUILTINS:
@@ -440,7 +440,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     else:
         raise MoyuError(f"unknown model '{name_or_path}': use a built-in name "
                         f"({', '.join(BUILTINS)}), a .gguf file, a Hugging Face folder or hub id")
-    spec_for(model)  # refuse unsupported architectures early, in one line
+    architecture_of(model)  # refuse unsupported architectures early, in one line
     model.eval()
     model.moyu_name = name_or_path
     if tok.pad_token_id is None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import mlp_layers, spec_for
+from .arch import mlp_layers, architecture_of
 from .errors import MoyuError
 
 FORMAT_VERSION = 1
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture, shapes and a hash of a strided sample of every MLP weight."""
-    spec_for(model)
+    architecture_of(model)
     layers = mlp_layers(model)
     h = hashlib.sha256()
     for ml in layers:

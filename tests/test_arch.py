@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moyu import MoyuError
-from moyu.arch import ARCHITECTURES, mlp_layers, spec_for, supported_types
+from moyu.arch import ARCHITECTURES, mlp_layers, architecture_of, supported_types
 from moyu.tiny import TINY_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def _mlp_io(model, ml, ids):
 def test_mlp_layers_shapes_and_intermediate(tiny, arch):
     model = tiny(arch)
     assert model.config.model_type == arch
-    spec = spec_for(model)
+    spec = architecture_of(model)
     layers = mlp_layers(model)
     assert len(layers) == 2
     d = model.get_input_embeddings().weight.shape[1]
@@ -83,7 +83,7 @@ def test_phi3_fused_gate_up_is_split_gate_first(tiny):
 
 def test_gpt2_conv1d_weights_in_linear_layout(tiny):
     ml = mlp_layers(tiny("gpt2"))[0]
-    assert ml.spec.conv1d
+    assert ml.arch.conv1d
     assert torch.equal(ml.w_up, ml.up.weight.t()) and torch.equal(ml.w_down, ml.down.weight.t())
 
 
@@ -121,7 +121,7 @@ def test_unsupported_architecture_is_one_line(model_type):
                  dict(num_hidden_layers=1, intermediate_size=64, num_key_value_heads=1,
                       num_local_experts=2, num_experts_per_tok=1))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small))
-    for call in (spec_for, mlp_layers):
+    for call in (architecture_of, mlp_layers):
         with pytest.raises(MoyuError) as e:
             call(model)
         msg = str(e.value)
@@ -131,7 +131,7 @@ def test_unsupported_architecture_is_one_line(model_type):
 
 def test_object_without_config_is_refused():
     with pytest.raises(MoyuError, match="unsupported architecture 'None'"):
-        spec_for(torch.nn.Linear(2, 2))
+        architecture_of(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "opt"])
@@ -154,7 +154,7 @@ def test_tap_streams_are_what_the_mlp_computes(arch):
     x = seen["x"]
     with torch.no_grad():
         assert torch.allclose(seen["act"], ml.intermediate(x), atol=1e-5)
-        assert torch.allclose(seen["out"], ml.mlp(x) if ml.spec.mlp else torch.nn.functional.linear(
+        assert torch.allclose(seen["out"], ml.mlp(x) if ml.arch.mlp else torch.nn.functional.linear(
             seen["act"], ml.w_down, ml.b_down), atol=1e-5)
         assert torch.allclose(seen["up"], torch.nn.functional.linear(x, ml.w_up, ml.b_up), atol=1e-5)
         if ml.gated:

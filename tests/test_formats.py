@@ -56,5 +56,5 @@ def test_every_decodable_method_runs_on_quantized_weights(fmt):
         lean = lean_model(model, prof, fmt, max_seq=32)
         out = lean.logits(ids, n_prefill=10)
         assert torch.isfinite(out).all(), name
-        kept = [L.mlp.kept_share for L in lean.spec.layers]
+        kept = [L.mlp.kept_share for L in lean.layers]
         assert 0 < sum(kept) / len(kept) < 1, (name, kept)

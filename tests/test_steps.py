@@ -110,12 +110,12 @@ def test_runtime_logits_equal_evaluation_path(arch, method):
     if method in ("teal", "wina"):   # input sparsity: fewer weight columns read, attention too
         # each projection has its own level (the greedy may leave a small one dense); the
         # MLP holds most of a layer's weights, so every layer's MLP reads fewer of them
-        assert all(L.mlp.kept_share < 1 for L in lean.spec.layers)
+        assert all(L.mlp.kept_share < 1 for L in lean.layers)
         return
     # the same neurons: per layer, the kept counts summed over the decoded positions equal
     # what the evaluation hooks counted over the same (sparse) positions
     d_ff = mlp_layers(model)[0].d_ff
-    kept = torch.zeros(len(lean.spec.layers))
+    kept = torch.zeros(len(lean.layers))
     lean.prefill(ids[:p])
     for t in ids[p:]:
         lean.decode_step(int(t))

@@ -102,7 +102,7 @@ def projections(ml: MLPLayer) -> dict[str, nn.Module]:
     ``gate``, ``up`` (or fused ``gate_up``, Phi-3) and ``down``."""
     out = dict(ml.attn_linears())
     mlp = ml.mlp_linears()
-    if ml.spec.gate_up:
+    if ml.arch.gate_up:
         out["gate_up"] = mlp["up"]
     else:
         out.update({r: m for r, m in mlp.items() if r != "down"})
@@ -113,7 +113,7 @@ def projections(ml: MLPLayer) -> dict[str, nn.Module]:
 def projection_weight(ml: MLPLayer, role: str) -> torch.Tensor:
     """The weight of projection ``role`` in ``nn.Linear`` layout ``[out, in]`` (float32)."""
     w = projections(ml)[role].weight.detach().float()
-    return w.t() if ml.spec.conv1d else w
+    return w.t() if ml.arch.conv1d else w
 
 
 class InputRule:
@@ -304,7 +304,7 @@ class Sparsifier:
         self._handles.append(ml.tap("act", down_pre))
 
     def _install_input(self, i: int, ml: MLPLayer, rule: InputRule) -> None:
-        conv1d = ml.spec.conv1d
+        conv1d = ml.arch.conv1d
         for role, mod in projections(ml).items():
             outf = out_features(mod, conv1d)
 

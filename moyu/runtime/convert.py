@@ -1,6 +1,8 @@
-"""From a Hugging Face model to the runtime's flat description (:class:`LeanSpec`).
+"""From a Hugging Face model to the runtime's flat description (:class:`FlatModel`).
 
-One function per family reads the HF modules once; the decode loop never touches them.
+One function per decoder family (the ``decoder`` column of :mod:`moyu.arch`'s table) reads
+the HF modules once, and a row's ``quirks`` say where it departs from its family; the decode
+loop never touches the HF modules.
 All attention projections are normalised to a fused ``[q; k; v]`` output (GPT-NeoX's
 per-head interleaved rows are permuted at load), so one attention routine serves all.
 """
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import ARCHITECTURES, MLPLayer, mlp_layers, spec_for
+from ..arch import ARCHITECTURES, MLPLayer, mlp_layers, architecture_of
 from ..errors import MoyuError
 from .. import kernels as K
 from .steps import LinearFactory, MLPFactory, MLPStep
@@ -74,11 +76,11 @@ class LeanLayer:
     window: int | None = None               # sliding window (keys at distance < window)
     softcap: float | None = None            # attention logit softcapping
     clip: float | None = None               # OLMo clip_qkv
-    rope: int = 0                           # index into LeanSpec.rope_cos/rope_sin (-1: none)
+    rope: int = 0                           # index into FlatModel.rope_cos/rope_sin (-1: none)
 
 
 @dataclass
-class LeanSpec:
+class FlatModel:
     """Everything the decode loop needs, independent of the HF module tree."""
 
     model_type: str
@@ -159,28 +161,28 @@ def _qkv_steps(i: int, mods: dict[str, nn.Module], linear: LinearFactory | None,
     return steps, o
 
 
-def _window(cfg, i: int) -> int | None:
+def _window(cfg, i: int, quirks: frozenset[str]) -> int | None:
     types = getattr(cfg, "layer_types", None)
     sw = getattr(cfg, "sliding_window", None)
     if types is not None:
         return sw if types[i] == "sliding_attention" else None
-    return sw if cfg.model_type == "mistral" else None
+    return sw if "sliding_window" in quirks else None
 
 
 def _llama_like(model: nn.Module, mlps: list[MLPLayer], mlp_factory: MLPFactory,
-                linear: LinearFactory | None, default: LinearFactory, max_seq: int) -> LeanSpec:
+                linear: LinearFactory | None, default: LinearFactory, max_seq: int) -> FlatModel:
     cfg, base = model.config, model.model
-    mt = cfg.model_type
+    q = architecture_of(model).quirks
     d, h, kv, hd = _heads(cfg)
-    gemma2 = mt in ("gemma2", "gemma3_text")
-    if mt in ("gemma2", "gemma3_text"):
+    sandwich, mult = "sandwich_norms" in q, "multipliers" in q
+    if "query_pre_attn_scalar" in q:
         scale = cfg.query_pre_attn_scalar ** -0.5
-    elif mt == "granite":
+    elif mult:
         scale = cfg.attention_multiplier
     else:
         scale = hd ** -0.5
     types = getattr(cfg, "layer_types", None)
-    per_type = mt == "gemma3_text"
+    per_type = "rope_per_layer_type" in q
     rope_keys = sorted(set(types)) if per_type else [None]
     tables = [_rope_tables(base.rotary_emb, max_seq, k) for k in rope_keys]
     layers = []
@@ -190,29 +192,29 @@ def _llama_like(model: nn.Module, mlps: list[MLPLayer], mlp_factory: MLPFactory,
         layers.append(LeanLayer(
             qkv=qkv, o=o, mlp=mlp_factory(ml),
             ln_attn=norm_from(L.input_layernorm),
-            ln_mlp=norm_from(L.pre_feedforward_layernorm if gemma2 else L.post_attention_layernorm),
-            ln_attn_out=norm_from(L.post_attention_layernorm) if gemma2 else None,
-            ln_mlp_out=norm_from(L.post_feedforward_layernorm) if gemma2 else None,
+            ln_mlp=norm_from(L.pre_feedforward_layernorm if sandwich else L.post_attention_layernorm),
+            ln_attn_out=norm_from(L.post_attention_layernorm) if sandwich else None,
+            ln_mlp_out=norm_from(L.post_feedforward_layernorm) if sandwich else None,
             q_norm=norm_from(getattr(attn, "q_norm", None)),
             k_norm=norm_from(getattr(attn, "k_norm", None)),
-            scale=scale, window=_window(cfg, i),
-            softcap=getattr(cfg, "attn_logit_softcapping", None) if mt == "gemma2" else None,
-            clip=getattr(cfg, "clip_qkv", None) if mt == "olmo" else None,
+            scale=scale, window=_window(cfg, i, q),
+            softcap=getattr(cfg, "attn_logit_softcapping", None) if "attn_softcap" in q else None,
+            clip=getattr(cfg, "clip_qkv", None) if "clip_qkv" in q else None,
             rope=rope_keys.index(types[i]) if per_type else 0))
     emb = base.embed_tokens
     es = emb.embed_scale.to(emb.weight.dtype).item() if hasattr(emb, "embed_scale") else 1.0
-    if mt == "granite":
+    if mult:
         es = cfg.embedding_multiplier
-    return LeanSpec(
-        model_type=mt, d=d, n_heads=h, n_kv=kv, head_dim=hd, layers=layers,
+    return FlatModel(
+        model_type=cfg.model_type, d=d, n_heads=h, n_kv=kv, head_dim=hd, layers=layers,
         embed=emb.weight.detach(), lm_head=None, final_norm=norm_from(base.norm),
         embed_scale=es, rope_cos=[t[0] for t in tables], rope_sin=[t[1] for t in tables],
-        residual_mult=cfg.residual_multiplier if mt == "granite" else 1.0,
-        logit_scale=1.0 / cfg.logits_scaling if mt == "granite" else 1.0,
-        final_softcap=getattr(cfg, "final_logit_softcapping", None) if gemma2 else None)
+        residual_mult=cfg.residual_multiplier if mult else 1.0,
+        logit_scale=1.0 / cfg.logits_scaling if mult else 1.0,
+        final_softcap=getattr(cfg, "final_logit_softcapping", None) if "final_softcap" in q else None)
 
 
-def _gpt2(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
+def _gpt2(model, mlps, mlp_factory, linear, default, max_seq) -> FlatModel:
     cfg, base = model.config, model.transformer
     d, h, kv, hd = _heads(cfg)
     if getattr(cfg, "add_cross_attention", False):
@@ -225,12 +227,12 @@ def _gpt2(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
         qkv, o = _qkv_steps(i, ml.attn_linears(), linear, default, conv1d=True)
         layers.append(LeanLayer(qkv=qkv, o=o, mlp=mlp_factory(ml), ln_attn=norm_from(ml.layer.ln_1),
                                 ln_mlp=norm_from(ml.layer.ln_2), scale=scale, rope=-1))
-    return LeanSpec(model_type="gpt2", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
+    return FlatModel(model_type="gpt2", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
                     embed=base.wte.weight.detach(), lm_head=None, final_norm=norm_from(base.ln_f),
                     pos_table=base.wpe.weight.detach(), max_positions=base.wpe.weight.shape[0])
 
 
-def _opt(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
+def _opt(model, mlps, mlp_factory, linear, default, max_seq) -> FlatModel:
     cfg, dec = model.config, model.model.decoder
     d, h, kv, hd = _heads(cfg)
     layers = []
@@ -241,7 +243,7 @@ def _opt(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
                                 ln_mlp=norm_from(ml.layer.final_layer_norm), scale=hd ** -0.5, rope=-1))
     proj = lambda m: None if m is None else default(-1, "proj", m.weight.detach(), None)
     pos = dec.embed_positions
-    return LeanSpec(model_type="opt", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
+    return FlatModel(model_type="opt", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
                     embed=dec.embed_tokens.weight.detach(), lm_head=None,
                     final_norm=norm_from(dec.final_layer_norm), pos_table=pos.weight.detach(),
                     pos_offset=pos.offset, post_ln=not cfg.do_layer_norm_before,
@@ -249,7 +251,7 @@ def _opt(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
                     max_positions=pos.weight.shape[0] - pos.offset)
 
 
-def _neox(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
+def _neox(model, mlps, mlp_factory, linear, default, max_seq) -> FlatModel:
     cfg, base = model.config, model.gpt_neox
     d, h, kv, hd = _heads(cfg)
 
@@ -263,16 +265,16 @@ def _neox(model, mlps, mlp_factory, linear, default, max_seq) -> LeanSpec:
         layers.append(LeanLayer(qkv=qkv, o=o, mlp=mlp_factory(ml),
                                 ln_attn=norm_from(ml.layer.input_layernorm),
                                 ln_mlp=norm_from(ml.layer.post_attention_layernorm), scale=hd ** -0.5))
-    return LeanSpec(model_type="gpt_neox", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
+    return FlatModel(model_type="gpt_neox", d=d, n_heads=h, n_kv=h, head_dim=hd, layers=layers,
                     embed=base.embed_in.weight.detach(), lm_head=None,
                     final_norm=norm_from(base.final_layer_norm), rope_cos=[cos], rope_sin=[sin],
                     parallel=cfg.use_parallel_residual)
 
 
-def build_spec(model: nn.Module, mlp_factory: MLPFactory, linear: LinearFactory | None,
-               default: LinearFactory, max_seq: int) -> LeanSpec:
-    """The :class:`LeanSpec` of an HF causal LM (the lm_head is attached by the caller)."""
-    arch = spec_for(model)  # one-line MoyuError for an unknown architecture
+def flatten(model: nn.Module, mlp_factory: MLPFactory, linear: LinearFactory | None,
+               default: LinearFactory, max_seq: int) -> FlatModel:
+    """The :class:`FlatModel` of an HF causal LM (the lm_head is attached by the caller)."""
+    arch = architecture_of(model)  # one-line MoyuError for an unknown architecture
     fn = _CONVERTERS.get(arch.decoder)
     if fn is None:
         runs = ", ".join(t for t, a in ARCHITECTURES.items() if a.decoder in _CONVERTERS)

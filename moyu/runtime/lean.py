@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..errors import MoyuError
 from ..kernels import attn_decode, one_thread, rope_
 from ..kernels.formats import WeightFormat, weight_format
-from .convert import LeanLayer, LeanSpec, build_spec
+from .convert import LeanLayer, FlatModel, flatten
 from .steps import DenseLinear, LinearFactory, MLPFactory, dense_linear_factory, dense_mlp_factory
 
 
@@ -61,13 +61,13 @@ class LeanModel:
     token by token, or :meth:`generate`. The HF model may be deleted after conversion.
     """
 
-    def __init__(self, spec: LeanSpec, max_seq: int, fmt: WeightFormat):
-        self.spec = spec
+    def __init__(self, flat: FlatModel, max_seq: int, fmt: WeightFormat):
+        self.flat = flat
         self.fmt = fmt
-        if spec.max_positions is not None:
-            max_seq = min(max_seq, spec.max_positions)
+        if flat.max_positions is not None:
+            max_seq = min(max_seq, flat.max_positions)
         self.max_seq = max_seq
-        s = spec
+        s = flat
         self.qn, self.kn = s.n_heads * s.head_dim, s.n_kv * s.head_dim
         self.group = s.n_heads // s.n_kv
         shape = (len(s.layers), s.n_kv, max_seq, s.head_dim)
@@ -76,7 +76,7 @@ class LeanModel:
         # per-layer views and per-position RoPE rows, made once: indexing a tensor costs
         # ~1.5 us of dispatch, and decode would otherwise do it 4x per layer per token
         self._kv = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
-        self._rope_rows = [list(zip(c.unbind(0), s_.unbind(0))) for c, s_ in zip(spec.rope_cos, spec.rope_sin)]
+        self._rope_rows = [list(zip(c.unbind(0), s_.unbind(0))) for c, s_ in zip(flat.rope_cos, flat.rope_sin)]
         self.pos = 0
 
     @classmethod
@@ -105,18 +105,18 @@ class LeanModel:
         mlp_factory = mlp_factory or dense_mlp_factory(fmt)
         default = dense_linear_factory(fmt)
         with torch.inference_mode():
-            spec = build_spec(model, mlp_factory, linear_factory, default, max_seq)
+            flat = flatten(model, mlp_factory, linear_factory, default, max_seq)
             head = model.get_output_embeddings()
-            tied = head.weight.data_ptr() == spec.embed.data_ptr()
+            tied = head.weight.data_ptr() == flat.embed.data_ptr()
             # 4-bit output/embedding rows cost more quality than every other matrix together
             # (the GGUF files keep them at 8 bits too), so int4 models keep the head in int8
             head_fmt = weight_format("int8") if fmt.name == "int4" else fmt
-            spec.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt)
+            flat.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt)
             if tied:  # one table: the packed lm_head serves the embedding lookups too
-                spec.embed = None
+                flat.embed = None
             elif fmt.dtype != torch.float32:
-                spec.embed = spec.embed.to(fmt.dtype)
-        return cls(spec, max_seq, fmt)
+                flat.embed = flat.embed.to(fmt.dtype)
+        return cls(flat, max_seq, fmt)
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
@@ -126,7 +126,7 @@ class LeanModel:
     @property
     def nbytes(self) -> int:
         """Bytes of the weights held (shared tensors counted once; KV cache excluded)."""
-        s, seen = self.spec, {}
+        s, seen = self.flat, {}
         objs = [s.embed, s.lm_head, s.final_norm, s.pos_table, s.project_in, s.project_out]
         for L in s.layers:
             objs += [*L.qkv, L.o, L.mlp, L.ln_attn, L.ln_mlp, L.ln_attn_out, L.ln_mlp_out,
@@ -141,13 +141,18 @@ class LeanModel:
         """Bytes of the static KV cache."""
         return self.k_cache.nbytes + self.v_cache.nbytes
 
+    @property
+    def layers(self) -> list[LeanLayer]:
+        """The decoder layers (attention and MLP steps, norms) in order."""
+        return self.flat.layers
+
     def kept(self) -> list[int]:
         """Neurons each layer's MLP step computed at the last decode step."""
-        return [L.mlp.kept for L in self.spec.layers]
+        return [L.mlp.kept for L in self.flat.layers]
 
     # ----------------------------------------------------------------- pieces
     def _embed(self, ids: Tensor, pos0: int) -> Tensor:
-        s = self.spec
+        s = self.flat
         h = s.lm_head.rows(ids) if s.embed is None else F.embedding(ids, s.embed).float()
         if s.embed_scale != 1.0:
             h = h * s.embed_scale
@@ -159,7 +164,7 @@ class LeanModel:
         return h
 
     def _head(self, h: Tensor) -> Tensor:
-        s = self.spec
+        s = self.flat
         if s.final_norm is not None:
             h = s.final_norm(h)
         if s.project_out is not None:
@@ -183,7 +188,7 @@ class LeanModel:
     def _split_rope(self, L: LeanLayer, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Prompt ``qkv [T, ...]`` from position 0 -> q ``[T, H, hd]``, k, v ``[T, Hkv, hd]``
         with q/k norms and RoPE applied (decode does this inside ``attn_decode``)."""
-        s, qn, kn, T = self.spec, self.qn, self.kn, qkv.shape[0]
+        s, qn, kn, T = self.flat, self.qn, self.kn, qkv.shape[0]
         q = qkv[:, :qn].view(T, s.n_heads, s.head_dim)
         k = qkv[:, qn:qn + kn].view(T, s.n_kv, s.head_dim)
         v = qkv[:, qn + kn:].view(T, s.n_kv, s.head_dim)
@@ -199,7 +204,7 @@ class LeanModel:
         return q, k, v
 
     def _attn_decode(self, li: int, L: LeanLayer, x: Tensor, pos: int) -> Tensor:
-        s, qn, kn = self.spec, self.qn, self.kn
+        s, qn, kn = self.flat, self.qn, self.kn
         qkv = self._qkv(L, x)
         q, k, v = qkv[:qn], qkv[qn:qn + kn], qkv[qn + kn:]
         if L.q_norm is not None:
@@ -212,7 +217,7 @@ class LeanModel:
         return L.o(out)
 
     def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
-        s, T = self.spec, x.shape[0]
+        s, T = self.flat, x.shape[0]
         q, k, v = self._split_rope(L, self._qkv(L, x))
         kc, vc = self.k_cache[li], self.v_cache[li]
         kc[:, :T] = k.transpose(0, 1)
@@ -233,7 +238,7 @@ class LeanModel:
 
     def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None) -> Tensor:
         """One decoder layer; ``pos`` None = prefill of ``h [T, d]`` from position 0."""
-        s = self.spec
+        s = self.flat
         decode = pos is not None
         mlp = L.mlp.decode if decode else L.mlp.prefill
         x = h if s.post_ln else L.ln_attn(h)
@@ -261,7 +266,7 @@ class LeanModel:
         self.pos = 0
         self._check_room(ids.shape[0])
         h = self._embed(ids, 0)
-        for li, L in enumerate(self.spec.layers):
+        for li, L in enumerate(self.flat.layers):
             h = self._layer(li, L, h, None)
         self.pos = ids.shape[0]
         return h
@@ -279,7 +284,7 @@ class LeanModel:
         self._check_room(1)
         pos = self.pos
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
-        for li, L in enumerate(self.spec.layers):
+        for li, L in enumerate(self.flat.layers):
             h = self._layer(li, L, h, pos)
         self.pos = pos + 1
         return self._head(h)
