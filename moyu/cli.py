@@ -26,11 +26,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or code (the Python standard library, split by module)")
 
 
-def add_weights_arg(p: argparse.ArgumentParser) -> None:
-    """``--weights``: the format the lean runtime packs the weights in (decode commands)."""
+def add_weights_arg(p: argparse.ArgumentParser, simulated: bool = False) -> None:
+    """``--weights``: the format the lean runtime packs the weights in (decode commands), or,
+    with ``simulated``, the format the HF model's linears are rounded to (``moyu.fakequant``)."""
     from .kernels import FORMATS
+    what = ("weight format to measure, simulated exactly as the decode runtime rounds it"
+            if simulated else "weight format of the decode runtime")
     p.add_argument("--weights", default="fp32", choices=list(FORMATS),
-                   help="weight format of the decode runtime (int8 = Q8_0 blocks, int4 = Q4_1 blocks)")
+                   help=f"{what} (int8 = Q8_0 blocks, int4 = Q4_1 blocks with int8 down and head)")
+
+
+def weights_sim(args: argparse.Namespace, model):
+    """The :class:`~moyu.fakequant.QuantizedWeights` of ``--weights`` (None for fp32)."""
+    if getattr(args, "weights", "fp32") == "fp32":
+        return None
+    from .fakequant import QuantizedWeights
+    return QuantizedWeights(model, args.weights)
 
 
 def add_text_args(p: argparse.ArgumentParser, default_tokens: int = 4096) -> None:
@@ -122,28 +133,36 @@ def method_options(method: str, pairs: list[str]) -> dict:
     return parse_pairs(get_method(method).Options, method, pairs)
 
 
-def make_profile(args: argparse.Namespace, model, tok):
-    """Load ``--profile`` or calibrate ``--method`` at ``--sparsity``/``--cett``."""
+def make_profile(args: argparse.Namespace, model, tok, sim=None):
+    """Load ``--profile`` or calibrate ``--method`` at ``--sparsity``/``--cett`` (inside
+    ``sim``, the simulated weight format, when given: thresholds then fit the path that
+    decode runs at that format)."""
+    import contextlib
     from .methods import calibrate, calibration_ids
     from .profile import Profile
     if getattr(args, "profile", None):
         return Profile.load(args.profile)
     params = method_options(args.method, args.option)
     ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus)
-    return calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
-                     windows=windows_from(args), progress=not getattr(args, "json", False), **params)
+    with sim or contextlib.nullcontext():
+        prof = calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
+                         windows=windows_from(args), progress=not getattr(args, "json", False), **params)
+    prof.calib["weights"] = getattr(args, "weights", "fp32")
+    return prof
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_text_args(p)
     add_method_args(p)
+    add_weights_arg(p, simulated=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
-    from .evaluate import evaluate
+    from .evaluate import DenseReference, evaluate
+    from .fakequant import Both
     from .methods import check_sparsity, sparsify
     if args.method:
         method_options(args.method, args.option)   # unknown method or bad option: before loading
@@ -151,21 +170,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_text_args(args)
     model, tok = load_model(args)
     ids = eval_tokens(args, tok)
-    out: dict = {"model": args.model, "text": data.corpus_label(args.corpus, args.text, args.dataset)}
-    modifier = None
+    out: dict = {"model": args.model, "text": data.corpus_label(args.corpus, args.text, args.dataset),
+                 "weights": args.weights}
+    sim = weights_sim(args, model)
+    ref = DenseReference()   # fp32 dense logits, shared by the two passes below
+    if sim is not None:      # dense at the format, against fp32 dense: the cost of the format alone
+        at_format = evaluate(model, ids, windows_from(args), modifier=sim, reference=ref,
+                             progress=not args.json)
+        out.update(weights_dense_ppl=round(at_format.ppl, 6), weights_kl=round(at_format.kl, 6))
+    modifier = sim
     if args.method or args.profile:
-        prof = make_profile(args, model, tok)
-        modifier = sparsify(model, prof)
+        prof = make_profile(args, model, tok, sim)
+        modifier = sparsify(model, prof) if sim is None else Both(sim, sparsify(model, prof))
         out.update(method=prof.method, target=prof.target.get("sparsity", prof.target.get("cett")))
-    res = evaluate(model, ids, windows_from(args), modifier=modifier, progress=not args.json)
+    res = evaluate(model, ids, windows_from(args), modifier=modifier, reference=ref,
+                   progress=not args.json)
     out.update(res.to_dict())
     if args.json:
         print(json.dumps(out))
     elif modifier is None:
         print(f"{args.model}: perplexity {out['ppl']:.3f} over {out['tokens']} tokens ({out['seconds']:.1f} s)")
     else:
-        print(f"{args.model} {out['method']}: sparsity {out['sparsity']:.3f}, perplexity {out['ppl']:.3f} "
-              f"(dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %), "
+        name = " ".join(x for x in (args.weights if sim else "", out.get("method", "")) if x)
+        sparsity = f"sparsity {out['sparsity']:.3f}, " if "sparsity" in out else ""
+        print(f"{args.model} {name}: {sparsity}perplexity {out['ppl']:.3f} "
+              f"(fp32 dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %), "
               f"KL {out['kl']:.4f}, top-1 agreement {out['top1_agree']:.3f}")
     return 0
 
@@ -238,6 +267,7 @@ def _configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=256, help="dense prompt positions per window")
     p.add_argument("--scored-len", type=int, default=256, help="scored positions per window")
     p.add_argument("--out", required=True, metavar="FILE", help="profile file to write")
+    add_weights_arg(p, simulated=True)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -249,7 +279,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(args)
     t1 = time.perf_counter()
-    prof = make_profile(args, model, tok)
+    prof = make_profile(args, model, tok, weights_sim(args, model))
     path = prof.save(args.out)
     print(f"wrote {path}: {prof.method}, calibration sparsity {prof.calib['sparsity']:.3f} "
           f"({time.perf_counter() - t1:.1f} s calibration, {t1 - t0:.1f} s load)")
@@ -265,9 +295,11 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of other methods already in DIR/sweep.json (same model and text)")
+    add_weights_arg(p, simulated=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import contextlib
     from . import data
     from .methods import calibration_ids, check_sparsity, get_method
     from .sweep import merge_rows, run_sweep, to_markdown, write_sweep
@@ -280,13 +312,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise MoyuError(f"--sparsities must be comma-separated numbers, got '{args.sparsities}'") from None
     check_text_args(args)
     model, tok = load_model(args)
-    rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=args.corpus),
-                     eval_tokens(args, tok), methods, sparsities, windows_from(args))
+    # At a simulated format the whole sweep (dense reference included) runs at that format:
+    # rows show what sparsity costs on top of the format
+    with weights_sim(args, model) or contextlib.nullcontext():
+        rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=args.corpus),
+                         eval_tokens(args, tok), methods, sparsities, windows_from(args))
     text = data.corpus_label(args.corpus, args.text, args.dataset)
+    meta = {"model": args.model, "text": text}
+    if args.weights != "fp32":   # (sweeps from before --weights carry no key: fp32)
+        meta["weights"] = args.weights
     if args.merge:
-        rows = merge_rows(args.out, rows, {"model": args.model, "text": text})
-    title = f"{args.model}: quality vs sparsity ({rows[0]['dense_ppl']:.2f} dense perplexity)"
-    write_sweep(rows, args.out, title, {"model": args.model, "text": text})
+        rows = merge_rows(args.out, rows, meta)
+    fmt = "" if args.weights == "fp32" else f" {args.weights} weights,"
+    title = f"{args.model}: quality vs sparsity ({fmt} {rows[0]['dense_ppl']:.2f} dense perplexity)"
+    write_sweep(rows, args.out, title, meta)
     print(to_markdown(rows))
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.json, sweep.png")
     return 0

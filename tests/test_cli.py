@@ -221,6 +221,13 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
     for key in ("method", "target", "sparsity", "ppl", "dense_ppl", "kl", "top1_agree", "seconds", "tokens"):
         assert key in res, key
     assert res["method"] == "cats" and 0 < res["sparsity"] < 1 and res["kl"] > 0
+    assert res["weights"] == "fp32" and "weights_dense_ppl" not in res
+    # --weights: dense_ppl stays the fp32 reference, weights_dense_ppl is dense at the format
+    assert cli.main(["eval", *common, "--text", prose, "--tokens", "300", "--method", "cats",
+                     "--calib-text", prose, "--calib-tokens", "600", "--weights", "int4", "--json"]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["weights"] == "int4" and q["dense_ppl"] == pytest.approx(res["dense_ppl"])
+    assert q["weights_dense_ppl"] != q["dense_ppl"] and q["weights_kl"] > 0 and 0 < q["sparsity"] < 1
     out = tmp_path / "sweep"
     assert cli.main(["sweep", *common, "--text", prose, "--tokens", "300", "--methods", "cats,sketch",
                      "--sparsities", "0.3,0.6", "--calib-tokens", "600", "--out", str(out)]) == 0

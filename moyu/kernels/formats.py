@@ -35,6 +35,18 @@ class WeightFormat:
         """True for block-quantized integer formats."""
         return self.dtype is None
 
+    def for_role(self, role: str) -> "WeightFormat":
+        """The format a matrix of this ``role`` is actually stored in under this format.
+
+        ``int4`` keeps the MLP ``down`` projection and the ``head`` (the lm_head, and the
+        embedding when tied) in ``int8``: 4-bit codes there cost most of int4's quality
+        loss (the GGUF files keep the output matrix at 8 bits too, and our down rows are
+        blocked along the other axis than GGUF's). Every other role keeps the format.
+        """
+        if self.name == "int4" and role in ("down", "head"):
+            return INT8
+        return self
+
     def __str__(self) -> str:
         return self.name
 

@@ -343,3 +343,15 @@ def quantize_mlp(w_up: Tensor, w_down: Tensor, act: str, fmt: str, w_gate: Tenso
 
 __all__ = ["ACTIVATIONS", "QBLOCK", "QUANT_FORMATS", "QuantMLP", "QuantMatrix", "format_id",
            "from_gguf", "interleave_rows", "num_blocks", "quantize", "quantize_mlp"]
+
+
+def round_activations(x: Tensor) -> Tensor:
+    """``x`` as the integer kernels see it: each row cut into blocks of 32 along the last
+    axis, each block quantized to int8 with its own scale (``amax / 127``) and returned
+    dequantized, in float32. What a quantized matvec multiplies the weights by."""
+    from ._quant_torch import quantize_act
+    cols = x.shape[-1]
+    nb = num_blocks(cols)
+    q, dx = quantize_act(x, nb)
+    y = q.view(-1, nb, QBLOCK).float() * dx.unsqueeze(-1)
+    return y.reshape(-1, nb * QBLOCK)[:, :cols].reshape(x.shape)

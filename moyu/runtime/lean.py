@@ -108,9 +108,7 @@ class LeanModel:
             flat = flatten(model, mlp_factory, linear_factory, default, max_seq)
             head = model.get_output_embeddings()
             tied = head.weight.data_ptr() == flat.embed.data_ptr()
-            # 4-bit output/embedding rows cost more quality than every other matrix together
-            # (the GGUF files keep them at 8 bits too), so int4 models keep the head in int8
-            head_fmt = weight_format("int8") if fmt.name == "int4" else fmt
+            head_fmt = fmt.for_role("head")
             flat.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt)
             if tied:  # one table: the packed lm_head serves the embedding lookups too
                 flat.embed = None

@@ -66,10 +66,16 @@ def rows_matmul(x: Tensor, w) -> Tensor:
 
     fp32 weights go to one GEMM; other formats are widened a block of rows at a time (CPUs
     without native bf16 have no fast bf16 GEMM, and a whole fp32 copy per prompt would
-    double the memory held).
+    double the memory held). Block-quantized weights see ``x`` rounded as their decode
+    kernel rounds it (int8 blocks of 32), so a prompt position computes what the same
+    position computes when decoded.
     """
-    if isinstance(w, Tensor) and w.dtype == torch.float32:
-        return F.linear(x, w)
+    if isinstance(w, Tensor):
+        if w.dtype == torch.float32:
+            return F.linear(x, w)
+    else:
+        from ..kernels.quant import round_activations
+        x = round_activations(x)
     n = _n_rows(w)
     out = x.new_empty(x.shape[0], n)
     for r0 in range(0, n, _PREFILL_ROWS):
@@ -96,10 +102,7 @@ def pack_layer(layer: MLPLayer, fmt: "str | WeightFormat" = "fp32"):
     args = dict(w_gate=layer.w_gate, b_up=layer.b_up, b_gate=layer.b_gate, b_down=layer.b_down)
     if fmt.quantized:
         from ..kernels.quant import quantize_mlp
-        # int4: the down projection stays int8. Its GGUF blocks run along d_ff and ours along d
-        # (neuron-major, so skipped neurons are never read): a 4-bit re-quantization across the
-        # other axis costs most of int4's quality loss
-        down = "int8" if fmt.name == "int4" else fmt.name
+        down = fmt.for_role("down").name
         return quantize_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt.name, down_fmt=down, **args)
     return K.pack_mlp(layer.w_up, layer.w_down, activation_kind(layer.act), fmt=fmt, **args)
 

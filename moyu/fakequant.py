@@ -1,0 +1,159 @@
+"""The lean runtime's weight formats simulated on a Hugging Face model.
+
+``eval``, ``calibrate`` and ``sweep`` run the HF model with hooks (``moyu.methods``), while
+``bench``/``generate`` decode with packed weights (``moyu.runtime``). For the two to measure
+the same model at ``--weights int8``/``int4``/``bf16``, :class:`QuantizedWeights` makes each
+HF linear compute what the runtime's kernel computes:
+
+* the weight is replaced by its quantize-dequantize round trip in the format the runtime
+  stores that role in (:meth:`WeightFormat.for_role`: int4 keeps ``down`` and the head in
+  int8), blocked the way the runtime blocks it: along the input for row-major matrices,
+  along the output for the MLP ``down`` projection (stored neuron-major);
+* for block-quantized formats, the input of every row-major matrix is rounded the way the
+  integer kernels quantize it (int8 blocks of 32, one scale each); the ``down`` projection
+  takes its input in float32 (its kernel accumulates ``a_i * row_i``);
+* a tied embedding returns rows of the quantized head, as the runtime does.
+
+Rounding is bit-for-bit the runtime's, in prefill and decode alike; only float summation
+order differs (tested: logits agree to ~1e-7 where the formats move them by ~1e-2, unless a
+last-bit difference moves one activation across a rounding boundary). Not
+simulated: input-sparse attention projections (``teal``) store ``W^T`` in the runtime.
+Statistics that methods read straight from the weights (down-projection norms) come from
+the original float weights.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .arch import mlp_layers
+from .kernels.formats import WeightFormat, weight_format
+
+
+def _round_weight(w: Tensor, fmt: WeightFormat, transposed: bool) -> Tensor:
+    """``w [out, in]`` after the round trip through ``fmt`` (blocks along ``in``, or along
+    ``out`` when ``transposed``)."""
+    w = w.detach().float()
+    if not fmt.quantized:
+        return w.to(fmt.dtype).float()
+    from .kernels.quant import quantize
+    if transposed:
+        return quantize(w.t(), fmt.name).dequantize().t().contiguous()
+    return quantize(w, fmt.name).dequantize()
+
+
+class QuantizedWeights:
+    """Context manager: inside it, ``model`` computes with ``weights``-format linears.
+
+    Build once per model (the rounded weights are computed here and held, one float32 copy
+    of the linear weights); enter and leave as often as needed. Leaving restores the original
+    forwards exactly. It also has the evaluation harness's modifier interface (``begin``,
+    ``measured``), so ``evaluate(model, ids, modifier=QuantizedWeights(model, "int8"))``
+    measures the dense model at that format against fp32 dense.
+    """
+
+    def __init__(self, model: nn.Module, weights: "str | WeightFormat"):
+        self.fmt = weight_format(weights)
+        self.model = model
+        self._plan: list[tuple[nn.Module, Any]] = []
+        self._saved: list[tuple[nn.Module, Any]] = []
+        if self.fmt.name == "fp32":
+            return
+        round_in = self.fmt.quantized
+        for ml in mlp_layers(model):
+            conv1d = ml.arch.conv1d
+            for role, mod in {**ml.attn_linears(), **ml.mlp_linears()}.items():
+                w = mod.weight.t() if conv1d else mod.weight
+                down = role == "down"
+                wq = _round_weight(w, self.fmt.for_role("down" if down else role), transposed=down)
+                self._plan.append((mod, self._linear(wq, mod.bias, round_in and not down)))
+        head = model.get_output_embeddings()
+        emb = model.get_input_embeddings()
+        hq = _round_weight(head.weight, self.fmt.for_role("head"), transposed=False)
+        self._plan.append((head, self._linear(hq, getattr(head, "bias", None), round_in)))
+        if emb.weight.data_ptr() == head.weight.data_ptr():
+            self._plan.append((emb, self._embedding(emb, hq)))
+        elif not self.fmt.quantized:   # the runtime keeps an untied table at the float format
+            self._plan.append((emb, self._embedding(emb, _round_weight(emb.weight, self.fmt, False))))
+
+    @staticmethod
+    def _linear(wq: Tensor, bias: Tensor | None, round_in: bool):
+        from .kernels.quant import round_activations
+
+        def forward(_self, x: Tensor) -> Tensor:
+            xin = round_activations(x.float()) if round_in else x.float()
+            y = F.linear(xin, wq, None if bias is None else bias.float())
+            return y.to(x.dtype)
+        return forward
+
+    @staticmethod
+    def _embedding(emb: nn.Module, table: Tensor):
+        original = type(emb).forward
+
+        def forward(_self, ids: Tensor) -> Tensor:
+            saved = _self.weight
+            try:   # reuse the module's own forward (padding, scaling) on the rounded table
+                _self._parameters["weight"] = nn.Parameter(table.to(saved.dtype), requires_grad=False)
+                return original(_self, ids)
+            finally:
+                _self._parameters["weight"] = saved
+        return forward
+
+    def __enter__(self) -> "QuantizedWeights":
+        if self._saved:
+            raise RuntimeError("QuantizedWeights is already active")
+        for mod, fwd in self._plan:
+            self._saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = types.MethodType(fwd, mod)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, prev in reversed(self._saved):
+            if prev is None:
+                del mod.forward
+            else:
+                mod.forward = prev
+        self._saved.clear()
+
+    def begin(self, prompt_len: "int | list[int]") -> None:
+        """Nothing to do per forward (harness interface)."""
+
+    def measured(self) -> dict[str, float]:
+        """No counters (harness interface)."""
+        return {}
+
+
+class Both:
+    """Two modifiers as one: ``outer`` entered first (the weight format), then ``inner``
+    (a sparsifier); ``measured`` is the inner one's."""
+
+    def __init__(self, outer: Any, inner: Any):
+        self.outer, self.inner = outer, inner
+
+    def __enter__(self) -> "Both":
+        self.outer.__enter__()
+        try:
+            self.inner.__enter__()
+        except BaseException:
+            self.outer.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.inner.__exit__(*exc)
+        finally:
+            self.outer.__exit__(*exc)
+
+    def begin(self, prompt_len: "int | list[int]") -> None:
+        """Forwarded to both."""
+        self.outer.begin(prompt_len)
+        self.inner.begin(prompt_len)
+
+    def measured(self) -> dict[str, float]:
+        """The inner modifier's counters."""
+        return self.inner.measured()
