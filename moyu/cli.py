@@ -141,7 +141,13 @@ def make_profile(args: argparse.Namespace, model, tok, sim=None):
     from .methods import calibrate, calibration_ids
     from .profile import Profile
     if getattr(args, "profile", None):
-        return Profile.load(args.profile)
+        prof = Profile.load(args.profile)
+        made, used = prof.calib.get("weights", "fp32"), getattr(args, "weights", "fp32")
+        if made != used:
+            print(f"moyu: warning: {args.profile} was calibrated with {made} weights and runs with "
+                  f"{used}: achieved sparsity may drift from its target (recalibrate with --weights {used})",
+                  file=sys.stderr)
+        return prof
     params = method_options(args.method, args.option)
     ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus)
     with sim or contextlib.nullcontext():
@@ -380,7 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise MoyuError("--runs must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
     model, tok = load_model(args)
-    prof = make_profile(args, model, tok) if (args.method or args.profile) else None
+    prof = make_profile(args, model, tok, weights_sim(args, model)) if (args.method or args.profile) else None
     ids = data.tokens(tok, "eval", args.prompt_tokens, corpus=args.corpus)
     gguf = str(builtin_gguf(args.model)) if args.model in BUILTINS else (
         args.model if args.model.endswith(".gguf") else None)
@@ -487,7 +493,7 @@ def load_engine(args: argparse.Namespace):
         check_decodable(args.method, args.sparsity)
     with contextlib.redirect_stdout(sys.stderr):     # stdout carries the answer only
         model, tok = load_model(args)
-        prof = make_profile(args, model, tok) if (args.method or args.profile) else None
+        prof = make_profile(args, model, tok, weights_sim(args, model)) if (args.method or args.profile) else None
     name = Path(args.model).name if args.model.lower().endswith(".gguf") else args.model
     return build_engine(model, tok, prof, args.weights, args.ctx, name=name)
 

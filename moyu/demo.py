@@ -6,6 +6,7 @@ by its sparse runtime, with the speed of each.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -27,6 +28,8 @@ def run_demo(model_name: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int 
     from . import data
     from .analysis import analyze
     from .evaluate import DenseReference, Windows, evaluate
+    from .fakequant import Both, QuantizedWeights
+    from .kernels import weight_format
     from .generate import chat_ids, generate
     from .methods import calibrate, calibration_ids, check_sparsity, sparsify
     from .models import load
@@ -53,10 +56,15 @@ def run_demo(model_name: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int 
     ref = DenseReference()
     res = evaluate(model, ids, Windows(), reference=ref, progress=True)
     echo(f"  dense perplexity: {res.ppl:.3f} ({res.tokens} scored tokens, {res.seconds:.1f} s)")
-    prof = calibrate(model, calibration_ids(tok, 4096, corpus=corpus), method=method, sparsity=sparsity,
-                     progress=True)
-    sp = evaluate(model, ids, Windows(), modifier=sparsify(model, prof), reference=ref, progress=True)
-    echo(f"  {method} at {sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
+    # at a quantized --weights, calibrate and evaluate on the same rounding that decode runs
+    sim = None if weight_format(weights).name == "fp32" else QuantizedWeights(model, weights)
+    with sim or contextlib.nullcontext():
+        prof = calibrate(model, calibration_ids(tok, 4096, corpus=corpus), method=method,
+                         sparsity=sparsity, progress=True)
+    modifier = sparsify(model, prof) if sim is None else Both(sim, sparsify(model, prof))
+    sp = evaluate(model, ids, Windows(), modifier=modifier, reference=ref, progress=True)
+    label = method if sim is None else f"{method} on {sim.fmt} weights"
+    echo(f"  {label} at {sparsity:.0%} target: achieved sparsity {sp.extra['sparsity']:.3f}, "
          f"perplexity {sp.ppl:.3f} vs dense {sp.dense_ppl:.3f} ({100 * (sp.ppl / sp.dense_ppl - 1):+.1f} %), "
          f"KL {sp.kl:.4f}, top-1 agreement {sp.top1_agree:.3f}")
 

@@ -18,8 +18,11 @@ Rounding is bit-for-bit the runtime's, in prefill and decode alike; only float s
 order differs (tested: logits agree to ~1e-7 where the formats move them by ~1e-2, unless a
 last-bit difference moves one activation across a rounding boundary). Not
 simulated: input-sparse attention projections (``teal``) store ``W^T`` in the runtime.
-Statistics that methods read straight from the weights (down-projection norms) come from
-the original float weights.
+Statistics that methods read straight from the weights (down-projection norms, the per-row
+int8 sketch of ``sketch``/``sketch-reuse``) come from the original float weights, while the
+runtime at int8/int4 scores those methods' neurons from the quantized gate/up themselves:
+their thresholds are calibrated on the format's activations but from a slightly different
+score, so achieved sparsity at decode can differ by a little from eval's.
 """
 from __future__ import annotations
 
