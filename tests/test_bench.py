@@ -69,3 +69,22 @@ def test_bytes_per_token_counts_every_tensor_once(tiny, one_thread):
         lean = lean_model(model, prof, max_seq=32)
         v = _lean_variant("x", lean, _ids(8), 2)
         assert v.bytes_per_token() == pytest.approx(lean.nbytes, rel=1e-6), method
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_decode_split_adds_up_and_leaves_the_runtime_as_it_was(tiny, one_thread, fmt):
+    from moyu.bench import decode_split
+    from moyu.runtime import lean_model
+    model = tiny("llama")
+    prof = calibrate(model, _ids(600, 1), method="sketch-reuse", sparsity=0.5,
+                     windows=Windows(prompt=12, scored=12))
+    lean = lean_model(model, prof, fmt, max_seq=40)
+    before = lean.logits(_ids(20, 3), n_prefill=8)
+    split = decode_split(lean, _ids(12, 2), 8)
+    parts = ("mlp", "attn_linears", "attn_core", "head", "rest")
+    assert sum(split[p]["ms"] for p in parts) == pytest.approx(split["total"]["ms"])
+    assert all(split[p]["ms"] > 0 for p in ("mlp", "attn_linears", "attn_core", "head"))
+    assert 0 < split["mlp"]["bytes"] < sum(L.mlp.nbytes for L in lean.layers)   # half the down rows
+    assert split["head"]["bytes"] == lean.flat.lm_head.nbytes
+    assert torch.equal(lean.logits(_ids(20, 3), n_prefill=8), before)       # no timer left behind
+    assert "decode" not in vars(lean.layers[0].mlp)
