@@ -1,0 +1,238 @@
+"""The scale study: how over-activation and every method change from 135M to 1.5B.
+
+One resumable script for issue 11's grid. Per model (built-ins that are installed):
+
+* ``analyze``: ``moyu analyze`` with default settings (one report per model);
+* ``sweep-<corpus>-<method>``: calibrate + evaluate the method at each sparsity on the
+  prose and the code corpus (``moyu sweep``'s protocol; one cell per method so an
+  interrupted run loses at most one method's points);
+* ``bench``: decode speed at batch 1 (HF, moyu dense, moyu ``sketch-reuse`` 50 %, and the
+  llama.cpp peer when ``llama-cpp-python`` is installed).
+
+Every finished cell is a JSON file under ``OUT/cells/<model>/`` (written, then renamed);
+a rerun skips it, so hours of work survive interruptions. ``--report`` (also run at the
+end) gathers the cells into ``OUT/scale.json``, ``OUT/scale.md`` and ``OUT/scale.png``:
+each MOYU statistic and each method's perplexity change at 50 % against parameter count.
+
+    python benchmarks/scale_study.py [--models smollm2-135m,...] [--cells analyze,sweep,bench]
+        [--corpora prose,code] [--methods ...] [--sparsities 0.3,0.5,0.7] [--tokens 2305]
+        [--out docs/results/scale] [--report]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
+
+# name in the table/figure -> how to read it from an analyze report (mean over layers)
+STATISTICS: dict[str, Callable[[dict], float]] = {
+    "share of neurons for 90 % of the output": lambda r: r["overactivation"]["mean"]["share_90"],
+    "sparsity at CETT 0.2": lambda r: r["overactivation"]["mean"]["sparsity_at_cett_0.2"],
+    "history Jaccard, natural vs natural (k 0.3)": lambda r: r["history"]["mean"]["0.3"]["cross_natural"],
+    "predictor recall (k 0.3, held out)": lambda r: r["predictor"]["mean"]["0.3"]["recall"],
+    "inertia overlap, natural": lambda r: r["inertia"]["mean"]["overlap_natural"],
+    "inertia overlap, random": lambda r: r["inertia"]["mean"]["overlap_random"],
+}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def installed_models(wanted: list[str]) -> list[str]:
+    """The wanted built-ins that are installed; the others are named with their install command."""
+    from moyu.models import list_models
+    rows = {r["name"]: r for r in list_models()}
+    out = []
+    for name in wanted:
+        if name not in rows:
+            sys.exit(f"scale_study: unknown model '{name}': use built-ins {', '.join(rows)}")
+        if rows[name]["installed"]:
+            out.append(name)
+        else:
+            print(f"skip {name}: not installed ({rows[name]['install']})", flush=True)
+    return out
+
+
+def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
+    """Compute every missing cell of the grid."""
+    import torch
+
+    import moyu
+    from moyu import data
+    from moyu.analysis import analyze
+    from moyu.methods import calibrate, calibration_ids
+    from moyu.sweep import run_sweep
+
+    load = load or moyu.load
+    out = Path(args.out)
+    kinds = set(args.cells.split(","))
+    for name in args.models:
+        cells = out / "cells" / name
+        todo = []
+        if "analyze" in kinds and not (cells / "analyze.json").exists():
+            todo.append("analyze")
+        if "sweep" in kinds:
+            todo += [f"sweep-{c}-{m}" for c in args.corpora for m in args.methods
+                     if not (cells / f"sweep-{c}-{m}.json").exists()]
+        if "bench" in kinds and not (cells / "bench.json").exists():
+            todo.append("bench")
+        if not todo:
+            continue
+        model, tok = load(name)
+        params = sum(p.numel() for p in model.parameters())
+        write_json(cells / "model.json", {"model": name, "parameters": params,
+                                          "model_type": model.config.model_type})
+        for cell in todo:
+            t0 = time.perf_counter()
+            print(f"== {name}: {cell}", flush=True)
+            if cell == "analyze":
+                result = analyze(model, tok).to_dict()
+            elif cell.startswith("sweep-"):
+                _, corpus, method = cell.split("-", 2)
+                rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=corpus),
+                                 data.tokens(tok, "eval", args.tokens, corpus=corpus),
+                                 [method], args.sparsities)
+                result = {"corpus": corpus, "method": method, "rows": rows}
+            else:
+                from moyu.bench import bench
+                from moyu.models import builtin_gguf
+                prof = calibrate(model, calibration_ids(tok, args.calib_tokens), method="sketch-reuse",
+                                 sparsity=0.5)
+                result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=128,
+                               runs=3, gguf=str(builtin_gguf(name)))
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            result["threads"] = torch.get_num_threads()
+            write_json(cells / f"{cell}.json", result)
+        del model, tok
+
+
+def gather(out: Path) -> dict[str, Any]:
+    """Every finished cell, per model, ordered by parameter count."""
+    models = []
+    for d in sorted((out / "cells").glob("*")):
+        meta = d / "model.json"
+        if not meta.exists():
+            continue
+        m = json.loads(meta.read_text())
+        m["cells"] = {p.stem: json.loads(p.read_text()) for p in d.glob("*.json") if p.stem != "model"}
+        models.append(m)
+    return {"models": sorted(models, key=lambda m: m["parameters"])}
+
+
+def _ppl_change(cell: dict, sparsity: float) -> float | None:
+    for r in cell["rows"]:
+        if abs(r["target"] - sparsity) < 1e-9:
+            return 100 * (r["ppl"] / r["dense_ppl"] - 1)
+    return None
+
+
+def report(out: Path) -> None:
+    """Write ``scale.json``, ``scale.md`` and ``scale.png`` from the cells."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = gather(out)
+    if not g["models"]:
+        print("no finished cells yet", flush=True)
+        return
+    lines = ["| model | parameters | " + " | ".join(STATISTICS) + " |",
+             "|---|---:|" + "---:|" * len(STATISTICS)]
+    for m in g["models"]:
+        a = m["cells"].get("analyze")
+        vals = [f"{f(a):.3f}" if a else "-" for f in STATISTICS.values()]
+        lines.append(f"| {m['model']} | {m['parameters'] / 1e6:.0f} M | " + " | ".join(vals) + " |")
+    methods = sorted({c["method"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
+    corpora = sorted({c["corpus"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
+    for corpus in corpora:
+        lines += ["", f"Perplexity change at 50 % ({corpus}), % vs dense:", "",
+                  "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        for m in g["models"]:
+            cells = [m["cells"].get(f"sweep-{corpus}-{x}") for x in methods]
+            vals = [(lambda v: "-" if v is None else f"{v:+.1f}")(_ppl_change(c, 0.5) if c else None) for c in cells]
+            lines.append(f"| {m['model']} | " + " | ".join(vals) + " |")
+    benches = [(m["model"], m["cells"]["bench"]) for m in g["models"] if "bench" in m["cells"]]
+    if benches:
+        lines += ["", "| model | moyu dense tok/s | sketch-reuse 50 % tok/s | speedup vs dense | vs llama.cpp |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, b in benches:
+            dense, sparse = b.get("moyu_dense", {}), b.get("moyu_sparse", {})
+            peer = b.get("speedup_vs_llamacpp")
+            lines.append(f"| {name} | {dense.get('tok_s', float('nan')):.1f} | {sparse.get('tok_s', float('nan')):.1f} "
+                         f"| {b.get('speedup_vs_dense', float('nan')):.2f} | {'-' if peer is None else f'{peer:.2f}'} |")
+    write_json(out / "scale.json", g)
+    tmp = out / "scale.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "scale.md")
+
+    params = [m["parameters"] / 1e6 for m in g["models"]]
+    n = len(STATISTICS) + len(corpora)
+    cols = 3
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    flat = list(axes.flat)
+    for ax, (label, f) in zip(flat, STATISTICS.items()):
+        pts = [(p, f(m["cells"]["analyze"])) for p, m in zip(params, g["models"]) if "analyze" in m["cells"]]
+        if pts:
+            ax.plot(*zip(*pts), "o-")
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("parameters (M)")
+    for ax, corpus in zip(flat[len(STATISTICS):], corpora):
+        for x in methods:
+            pts = [(p, _ppl_change(m["cells"][f"sweep-{corpus}-{x}"], 0.5)) for p, m in zip(params, g["models"])
+                   if f"sweep-{corpus}-{x}" in m["cells"]]
+            pts = [(p, v) for p, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=x)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog")
+        ax.set_title(f"ppl change at 50 % ({corpus}), %", fontsize=9)
+        ax.set_xlabel("parameters (M)")
+        ax.legend(fontsize=6)
+    for ax in flat[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = out / "scale.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, out / "scale.png")
+    print(f"wrote {out}/scale.json, scale.md, scale.png", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, run the missing cells, write the report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--cells", default="analyze,sweep,bench")
+    ap.add_argument("--corpora", default="prose,code")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sparsities", default="0.3,0.5,0.7")
+    ap.add_argument("--tokens", type=int, default=2048 + 257, help="evaluation tokens per corpus")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--out", default="docs/results/scale")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
+    args = ap.parse_args(argv)
+    args.corpora = [c for c in args.corpora.split(",") if c]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    if not args.report:
+        args.models = installed_models([m for m in args.models.split(",") if m])
+        run_cells(args)
+    report(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

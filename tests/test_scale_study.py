@@ -1,0 +1,46 @@
+"""benchmarks/scale_study.py on a tiny GGUF: cells are written once and skipped on a
+rerun, and the report gathers them into a table and a figure."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import moyu
+
+_spec = importlib.util.spec_from_file_location(
+    "scale_study", Path(__file__).resolve().parents[1] / "benchmarks" / "scale_study.py")
+scale_study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scale_study)
+
+
+def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
+    loads = []
+
+    def load(name):
+        loads.append(name)
+        return moyu.load(str(tiny_gguf), verbose=False)
+
+    args = scale_study.argparse.Namespace(
+        models=["tiny"], cells="sweep", corpora=["prose"], methods=["cats", "sketch"],
+        sparsities=[0.5], tokens=600, calib_tokens=600, out=str(tmp_path))
+    from moyu.evaluate import Windows
+    import moyu.sweep as sweep
+    real = sweep.run_sweep
+    sweep.run_sweep = lambda *a, **k: real(*a, windows=Windows(prompt=16, scored=16), progress=False)
+    try:
+        scale_study.run_cells(args, load=load)
+        cells = tmp_path / "cells" / "tiny"
+        assert sorted(p.name for p in cells.glob("*.json")) == [
+            "model.json", "sweep-prose-cats.json", "sweep-prose-sketch.json"]
+        assert not list(cells.glob("*.tmp"))
+        before = (cells / "sweep-prose-cats.json").read_text()
+        scale_study.run_cells(args, load=load)           # every cell done: nothing loads
+        assert loads == ["tiny"] and (cells / "sweep-prose-cats.json").read_text() == before
+    finally:
+        sweep.run_sweep = real
+    scale_study.report(tmp_path)
+    md = (tmp_path / "scale.md").read_text()
+    assert "| cats | sketch |" in md and (tmp_path / "scale.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "scale.json").read_text())["models"][0]["cells"]["sweep-prose-cats"]["rows"]
+    assert rows[0]["method"] == "cats" and rows[0]["target"] == 0.5
