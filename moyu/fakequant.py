@@ -37,6 +37,11 @@ from .arch import mlp_layers
 from .kernels.formats import WeightFormat, weight_format
 
 
+PARTS = ("attn", "mlp_in", "down", "head")
+"""What :class:`QuantizedWeights` can round: attention projections, MLP gate/up (or fc1),
+the MLP down projection, and the output head (with a tied embedding)."""
+
+
 def _round_weight(w: Tensor, fmt: WeightFormat, transposed: bool) -> Tensor:
     """``w [out, in]`` after the round trip through ``fmt`` (blocks along ``in``, or along
     ``out`` when ``transposed``)."""
@@ -59,21 +64,33 @@ class QuantizedWeights:
     measures the dense model at that format against fp32 dense.
     """
 
-    def __init__(self, model: nn.Module, weights: "str | WeightFormat"):
+    def __init__(self, model: nn.Module, weights: "str | WeightFormat",
+                 parts: "set[str] | None" = None, round_inputs: bool = True):
+        """``parts`` limits the simulation to some of ``PARTS`` (default: all) and
+        ``round_inputs=False`` keeps activations in float32: both only to attribute the
+        format's error (``benchmarks/quant_quality.py --parts``); the runtime does all."""
         self.fmt = weight_format(weights)
         self.model = model
         self._plan: list[tuple[nn.Module, Any]] = []
         self._saved: list[tuple[nn.Module, Any]] = []
+        parts = set(PARTS if parts is None else parts)
+        if parts - set(PARTS):
+            raise ValueError(f"unknown parts {sorted(parts - set(PARTS))}: use {', '.join(PARTS)}")
         if self.fmt.name == "fp32":
             return
-        round_in = self.fmt.quantized
+        round_in = self.fmt.quantized and round_inputs
         for ml in mlp_layers(model):
             conv1d = ml.arch.conv1d
             for role, mod in {**ml.attn_linears(), **ml.mlp_linears()}.items():
+                part = "down" if role == "down" else ("mlp_in" if role in ("gate", "up") else "attn")
+                if part not in parts:
+                    continue
                 w = mod.weight.t() if conv1d else mod.weight
                 down = role == "down"
                 wq = _round_weight(w, self.fmt.for_role("down" if down else role), transposed=down)
                 self._plan.append((mod, self._linear(wq, mod.bias, round_in and not down)))
+        if "head" not in parts:
+            return
         head = model.get_output_embeddings()
         emb = model.get_input_embeddings()
         hq = _round_weight(head.weight, self.fmt.for_role("head"), transposed=False)

@@ -73,3 +73,19 @@ def test_eval_with_weights_and_a_method():
         prof = calibrate(model, _ids(600, 3), method="cats", sparsity=0.5, windows=w)
     half = evaluate(model, ids, w, modifier=Both(sim, sparsify(model, prof)))
     assert 0.3 < half.sparsity < 0.7 if hasattr(half, "sparsity") else 0.3 < half.extra["sparsity"] < 0.7
+
+
+def test_parts_and_unrounded_inputs_split_the_error():
+    model = tiny_model("llama")
+    ids = _ids(16, 4)
+    fp32 = _hf_logits(model, ids)
+
+    def gap(**kw):
+        with QuantizedWeights(model, "int4", **kw):
+            return float((_hf_logits(model, ids) - fp32).abs().max())
+    full = gap()
+    assert 0 < gap(round_inputs=False) < full
+    assert all(0 < gap(parts={p}) < full for p in ("attn", "mlp_in", "down", "head"))
+    assert gap(parts=set()) == 0
+    with pytest.raises(ValueError, match="unknown parts"):
+        QuantizedWeights(model, "int4", parts={"lm_head"})
