@@ -30,6 +30,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _tiny_tests_on_one_thread(request):
+    """Fast-tier tests run torch on one thread: their tiny matmuls only lose to thread
+    hand-offs (measured 10-30x slower on two threads of a busy machine). Slow-tier tests
+    (real models) keep torch's default; tests that need threads set them themselves."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the default built-in model, from the real cache."""

@@ -41,20 +41,20 @@ def test_quantized_weights_decode_close_to_fp32_in_fewer_bytes(arch):
     assert sizes["int4"] < sizes["int8"] < sizes["bf16"]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_every_decodable_method_runs_on_quantized_weights(fmt):
+def test_every_decodable_method_runs_on_quantized_weights(one_thread):
     model = tiny_model("llama")
     ids = _ids(24, 1)
-    dense = lean_model(model, None, fmt, max_seq=32).logits(ids, n_prefill=10)
+    dense = {fmt: lean_model(model, None, fmt, max_seq=32).logits(ids, n_prefill=10) for fmt in ("int8", "int4")}
     for name in METHODS:
         if name == "dense" or not decodable(name):
             continue
-        prof = calibrate(model, _ids(600, 2), method=name, sparsity=0.0, windows=W)
-        zero = lean_model(model, prof, fmt, max_seq=32).logits(ids, n_prefill=10)
-        assert torch.allclose(zero, dense, atol=1e-5), name      # a full kept set is dense
-        prof = calibrate(model, _ids(600, 2), method=name, sparsity=0.5, windows=W)
-        lean = lean_model(model, prof, fmt, max_seq=32)
-        out = lean.logits(ids, n_prefill=10)
-        assert torch.isfinite(out).all(), name
-        kept = [L.mlp.kept_share for L in lean.layers]
-        assert 0 < sum(kept) / len(kept) < 1, (name, kept)
+        zero = calibrate(model, _ids(600, 2), method=name, sparsity=0.0, windows=W)
+        half = calibrate(model, _ids(600, 2), method=name, sparsity=0.5, windows=W)
+        for fmt in ("int8", "int4"):
+            got = lean_model(model, zero, fmt, max_seq=32).logits(ids, n_prefill=10)
+            assert torch.allclose(got, dense[fmt], atol=1e-5), (name, fmt)   # a full kept set is dense
+            lean = lean_model(model, half, fmt, max_seq=32)
+            out = lean.logits(ids, n_prefill=10)
+            assert torch.isfinite(out).all(), (name, fmt)
+            kept = [L.mlp.kept_share for L in lean.layers]
+            assert 0 < sum(kept) / len(kept) < 1, (name, fmt, kept)
