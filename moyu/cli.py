@@ -165,8 +165,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.model}: perplexity {out['ppl']:.3f} over {out['tokens']} tokens ({out['seconds']:.1f} s)")
     else:
         print(f"{args.model} {out['method']}: sparsity {out['sparsity']:.3f}, perplexity {out['ppl']:.3f} "
-              f"(dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %), "
-              f"KL {out['kl']:.4f}, top-1 agreement {out['top1_agree']:.3f}")
+              f"(dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %"
+              + (" [{:+.1f}, {:+.1f}] %".format(*(100 * (v - 1) for v in out["ppl_ratio_ci"]))
+                 if "ppl_ratio_ci" in out else "")
+              + f"), KL {out['kl']:.4f}, top-1 agreement {out['top1_agree']:.3f}")
     return 0
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoyuError
+from .stats import Bootstrap, intervals
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,21 @@ class EvalResult:
     kl: float | None = None
     top1_agree: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, Any] = field(default_factory=dict)
+    per_token: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready dict."""
-        d = asdict(self)
-        d.pop("extra")
+        """Flat JSON-ready dict (intervals as ``<metric>_ci: [low, high]``; no per-token arrays)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "ci", "per_token", "windows")}
         d["prompt_len"], d["scored_len"] = self.windows.prompt, self.windows.scored
-        d.pop("windows")
+        if self.dense_ppl is not None:
+            d["ppl_ratio"] = self.ppl / self.dense_ppl
         d.update(self.extra)
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items() if v is not None}
+        d.update(self.ci)
+
+        def r(v: Any) -> Any:
+            return round(v, 6) if isinstance(v, float) else [r(x) for x in v] if isinstance(v, list) else v
+        return {k: r(v) for k, v in d.items() if v is not None}
 
 
 def _scored_logits(model: nn.Module, window: torch.Tensor, w: Windows) -> torch.Tensor:
@@ -112,11 +119,15 @@ class DenseReference:
 
 def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
              modifier: Modifier | None = None, reference: DenseReference | None = None,
-             max_windows: int | None = None, progress: bool = False) -> EvalResult:
+             max_windows: int | None = None, progress: bool = False,
+             bootstrap: Bootstrap | None = Bootstrap()) -> EvalResult:
     """Perplexity of ``model`` on ``ids``; with ``modifier``, also dense ppl, KL and top-1 agreement.
 
     ``ppl`` is the modified model's perplexity when a modifier is given, else dense.
     ``kl`` is the mean over scored tokens of KL(p_dense || p_modified) in nats.
+    With ``bootstrap`` (the default), the result carries block-bootstrap intervals of
+    every metric (:mod:`moyu.stats`; paired with dense for the ratio, KL and top-1) and
+    ``ci`` settings; ``per_token`` holds the arrays they were drawn from.
     """
     from tqdm import tqdm
 
@@ -124,8 +135,10 @@ def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
         raise MoyuError("evaluate expects a 1-D tensor of token ids")
     starts = windows.starts(len(ids))[:max_windows]
     ref = reference or DenseReference(max_bytes=0)
-    nll_dense = nll_mod = kl_sum = 0.0
-    agree = n = 0
+    tok_dense: list[torch.Tensor] = []
+    tok_mod: list[torch.Tensor] = []
+    tok_kl: list[torch.Tensor] = []
+    tok_agree: list[torch.Tensor] = []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in tqdm(starts, desc="eval", disable=not progress, leave=False):
@@ -133,21 +146,30 @@ def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
             target = ids[s + windows.prompt + 1: s + windows.prompt + windows.scored + 1]
             dense = ref.get(model, ids, s, windows)
             logp_d = F.log_softmax(dense, -1)
-            nll_dense += float(-logp_d.gather(1, target[:, None]).sum())
-            n += len(target)
+            tok_dense.append(-logp_d.gather(1, target[:, None])[:, 0].double())
             if modifier is None:
                 continue
             with modifier:
                 modifier.begin(windows.prompt)
                 other = _scored_logits(model, window, windows)
             logp_o = F.log_softmax(other, -1)
-            nll_mod += float(-logp_o.gather(1, target[:, None]).sum())
-            kl_sum += float((logp_d.exp() * (logp_d - logp_o)).sum())
-            agree += int((dense.argmax(-1) == other.argmax(-1)).sum())
+            tok_mod.append(-logp_o.gather(1, target[:, None])[:, 0].double())
+            tok_kl.append((logp_d.exp() * (logp_d - logp_o)).sum(-1).double())
+            tok_agree.append((dense.argmax(-1) == other.argmax(-1)).double())
     seconds = time.perf_counter() - t0
-    dense_ppl = math.exp(nll_dense / n)
+    arrays = {"nll_dense": tok_dense, "nll": tok_mod, "kl": tok_kl, "agree": tok_agree}
+    per_token = {k: torch.cat(v).numpy() for k, v in arrays.items() if v}
+    n = len(per_token["nll_dense"])
+    dense_ppl = math.exp(float(per_token["nll_dense"].sum()) / n)
     if modifier is None:
-        return EvalResult(tokens=n, ppl=dense_ppl, seconds=seconds, windows=windows)
-    return EvalResult(tokens=n, ppl=math.exp(nll_mod / n), seconds=seconds, windows=windows,
-                      dense_ppl=dense_ppl, kl=kl_sum / n, top1_agree=agree / n,
-                      extra=dict(modifier.measured()))
+        ci = {} if bootstrap is None else {**intervals(per_token["nll_dense"], boot=bootstrap),
+                                           "ci": bootstrap.meta()}
+        return EvalResult(tokens=n, ppl=dense_ppl, seconds=seconds, windows=windows, ci=ci,
+                          per_token=per_token)
+    ci = {} if bootstrap is None else {
+        **intervals(per_token["nll"], per_token["nll_dense"], per_token["kl"], per_token["agree"], bootstrap),
+        "ci": bootstrap.meta()}
+    return EvalResult(tokens=n, ppl=math.exp(float(per_token["nll"].sum()) / n), seconds=seconds,
+                      windows=windows, dense_ppl=dense_ppl, kl=float(per_token["kl"].sum()) / n,
+                      top1_agree=float(per_token["agree"].sum()) / n, extra=dict(modifier.measured()),
+                      ci=ci, per_token=per_token)

@@ -21,6 +21,9 @@ from .evaluate import DenseReference, Windows, evaluate
 
 COLUMNS = ["method", "target", "sparsity", "weights_skipped", "ppl", "dense_ppl", "ppl_ratio",
            "kl", "top1_agree", "calib_seconds", "eval_seconds"]
+# metrics whose 95 % bootstrap interval a row carries as ``<metric>_ci: [low, high]``
+CI_METRICS = ["ppl", "ppl_ratio", "kl", "top1_agree"]
+CI_COLUMNS = [f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")]
 
 
 def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor, methods: list[str],
@@ -52,7 +55,8 @@ def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
                      "weights_skipped": d["weights_skipped"], "ppl": d["ppl"],
                      "dense_ppl": d["dense_ppl"], "ppl_ratio": d["ppl"] / d["dense_ppl"],
                      "kl": d["kl"], "top1_agree": d["top1_agree"],
-                     "calib_seconds": t1 - t0, "eval_seconds": d["seconds"]})
+                     "calib_seconds": t1 - t0, "eval_seconds": d["seconds"],
+                     **{f"{k}_ci": d[f"{k}_ci"] for k in CI_METRICS if f"{k}_ci" in d}})
     return rows
 
 
@@ -78,15 +82,35 @@ def merge_rows(out: str | Path, rows: list[dict[str, Any]], meta: dict[str, Any]
     return [r for r in old_rows if r["method"] not in new] + rows
 
 
+def _with_ci(r: dict[str, Any], key: str, fmt: str) -> str:
+    """``value [low, high]``, or the value alone for rows measured before intervals."""
+    ci = r.get(f"{key}_ci")
+    v = format(r[key], fmt)
+    return v if ci is None else f"{v} [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The sweep as a Markdown table."""
+    """The sweep as a Markdown table; brackets hold 95 % block-bootstrap intervals."""
     head = "| method | target | sparsity | weights skipped | ppl | dense ppl | ppl ratio | KL | top-1 agree |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['method']} | {r['target']:.2f} | {r['sparsity']:.3f} | "
-                     f"{r['weights_skipped']:.3f} | {r['ppl']:.3f} | {r['dense_ppl']:.3f} | "
-                     f"{r['ppl_ratio']:.3f} | {r['kl']:.4f} | {r['top1_agree']:.3f} |")
-    return "\n".join(lines) + "\n"
+                     f"{r['weights_skipped']:.3f} | {_with_ci(r, 'ppl', '.3f')} | {r['dense_ppl']:.3f} | "
+                     f"{_with_ci(r, 'ppl_ratio', '.3f')} | {_with_ci(r, 'kl', '.4f')} | "
+                     f"{_with_ci(r, 'top1_agree', '.3f')} |")
+    note = ("\n[low, high]: 95 % block-bootstrap interval (blocks of 128 scored tokens); the ppl ratio's "
+            "is paired with dense (the same blocks resampled for both)\n" if any("ppl_ratio_ci" in r for r in rows)
+            else "")
+    return "\n".join(lines) + "\n" + note
+
+
+def csv_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A row flattened for CSV: intervals as ``<metric>_lo`` / ``<metric>_hi`` columns."""
+    out = {k: r.get(k) for k in COLUMNS}
+    for m in CI_METRICS:
+        ci = r.get(f"{m}_ci") or [None, None]
+        out[f"{m}_lo"], out[f"{m}_hi"] = ci
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
@@ -97,10 +121,14 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["sparsity"], r["ppl_ratio"], r["kl"]) for r in rows if r["method"] == m)
-        xs = [p[0] for p in pts]
-        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=m)
-        axes[1].plot(xs, [max(p[2], 1e-5) for p in pts], marker="o", label=m)
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
+        xs = [r["sparsity"] for r in pts]
+        for ax, key, floor in ((axes[0], "ppl_ratio", 0.0), (axes[1], "kl", 1e-5)):
+            line, = ax.plot(xs, [max(r[key], floor) for r in pts], marker="o", label=m)
+            if all(f"{key}_ci" in r for r in pts):   # 95 % bootstrap band
+                ax.fill_between(xs, [max(r[f"{key}_ci"][0], floor) for r in pts],
+                                [max(r[f"{key}_ci"][1], floor) for r in pts], color=line.get_color(),
+                                alpha=0.18, lw=0)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("perplexity / dense perplexity")
     axes[1].set_yscale("log")
@@ -128,10 +156,10 @@ def write_sweep(rows: list[dict[str, Any]], out: str | Path, title: str, meta: d
     except OSError as e:
         raise MoyuError(f"cannot write to {out}: {e.strerror}; choose a writable --out") from None
     csv_buf = io.StringIO()
-    w = csv.DictWriter(csv_buf, fieldnames=COLUMNS)
+    w = csv.DictWriter(csv_buf, fieldnames=COLUMNS + CI_COLUMNS)
     w.writeheader()
     for r in rows:
-        w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+        w.writerow(csv_row(r))
     files = {
         "sweep.csv": csv_buf.getvalue().encode(),
         "sweep.md": (f"# {title}\n\n" + to_markdown(rows)).encode(),

@@ -221,6 +221,8 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
     for key in ("method", "target", "sparsity", "ppl", "dense_ppl", "kl", "top1_agree", "seconds", "tokens"):
         assert key in res, key
     assert res["method"] == "cats" and 0 < res["sparsity"] < 1 and res["kl"] > 0
+    for key in ("ppl", "ppl_ratio", "kl", "top1_agree"):     # 95 % bootstrap intervals
+        assert res[f"{key}_ci"][0] <= res[key] <= res[f"{key}_ci"][1], key
     out = tmp_path / "sweep"
     assert cli.main(["sweep", *common, "--text", prose, "--tokens", "300", "--methods", "cats,sketch",
                      "--sparsities", "0.3,0.6", "--calib-tokens", "600", "--out", str(out)]) == 0
@@ -228,6 +230,9 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
         assert (out / name).stat().st_size > 0, name
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert {(r["method"], r["target"]) for r in rows} >= {("cats", 0.3), ("sketch", 0.6)}
+    assert all(r["ppl_ratio_ci"][0] <= r["ppl_ratio"] <= r["ppl_ratio_ci"][1] for r in rows)
+    assert "block-bootstrap interval" in (out / "sweep.md").read_text()
+    assert "ppl_ratio_lo" in (out / "sweep.csv").read_text().splitlines()[0]
 
 
 def test_method_options_are_typed_and_checked():
