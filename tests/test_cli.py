@@ -233,6 +233,8 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
     assert all(r["ppl_ratio_ci"][0] <= r["ppl_ratio"] <= r["ppl_ratio_ci"][1] for r in rows)
     assert "block-bootstrap interval" in (out / "sweep.md").read_text()
     assert "ppl_ratio_lo" in (out / "sweep.csv").read_text().splitlines()[0]
+    at = json.loads((out / "sweep.json").read_text())["at_target"]
+    assert {(p["method"], p["target"]) for p in at} == {(m, t) for m in ("cats", "sketch") for t in (0.3, 0.6)}
 
 
 def test_method_options_are_typed_and_checked():
