@@ -200,4 +200,4 @@ def test_modifier_leaves_prompt_positions_dense(tiny):
 
 def test_to_dict_drops_empty_fields():
     d = EvalResult(tokens=10, ppl=1.23456789, seconds=0.5, windows=Windows(3, 4)).to_dict()
-    assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4}
+    assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4, "bos": False}

@@ -22,13 +22,12 @@ held-out text (upstream sparsity leaves more small channels downstream). ``alloc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from ..arch import MLPLayer
-from ..evaluate import Windows
 from . import calib as C
 from .base import InputRule, projection_weight, projections
 from .method import Method, register
@@ -182,7 +181,7 @@ class Teal(Method):
         calls = None
         # the block is replayed on short windows (a quarter of the evaluation layout) to keep
         # the greedy's many block forwards affordable on a CPU
-        rw = Windows(prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
+        rw = replace(self.windows, prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
         if opts.allocation == "greedy" and s > 0:
             calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
         out, levels = [], []
@@ -193,7 +192,7 @@ class Teal(Method):
             if calls is None:
                 level = {r: s for r in scores}
             else:
-                replay = BlockReplay(ml, calls[ml.index], rw.prompt, sc)
+                replay = BlockReplay(ml, calls[ml.index], rw.lead, sc)
                 d = ml.w_up.shape[1]
                 level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
             for r in scores:
@@ -205,7 +204,7 @@ class Teal(Method):
             # outputs have more small channels): re-estimate each threshold, at the same
             # level, on the inputs seen with the current thresholds applied.
             sp = self.build(self.model, prof)
-            sp.begin(self.windows.prompt)
+            sp.begin(self.windows.lead)
             again = C.collect(self.model, self.ids, self.windows, self.streams, per_window=opts.per_window,
                               max_windows=opts.calib_windows, during=sp)
             for ml, level in zip(layers, levels):
