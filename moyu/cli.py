@@ -199,8 +199,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         name = " ".join(x for x in (args.weights if sim else "", out.get("method", "")) if x)
         sparsity = f"sparsity {out['sparsity']:.3f}, " if "sparsity" in out else ""
+        ci = (" [{:+.1f}, {:+.1f}] %".format(*(100 * (v - 1) for v in out["ppl_ratio_ci"]))
+              if "ppl_ratio_ci" in out else "")
         print(f"{args.model} {name}: {sparsity}perplexity {out['ppl']:.3f} "
-              f"(fp32 dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %), "
+              f"(fp32 dense {out['dense_ppl']:.3f}, {100 * (out['ppl'] / out['dense_ppl'] - 1):+.1f} %{ci}), "
               f"KL {out['kl']:.4f}, top-1 agreement {out['top1_agree']:.3f}")
     return 0
 

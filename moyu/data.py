@@ -152,6 +152,25 @@ def corpus_label(corpus: str = "prose", text_file: str | None = None, dataset: s
     return "eval corpus"
 
 
+def bos_id(tok) -> int | None:
+    """The BOS id when ``tok`` starts every text with one (Gemma), else None (SmolLM2, GPT-2).
+
+    The one rule for evaluation and calibration windows: a window starts as the model's own
+    tokenizer would start a text, so the BOS comes where (and only where) the tokenizer
+    itself adds it; models that add none are left as they are.
+    """
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        with_special = tok("a", add_special_tokens=True).input_ids
+        plain = tok("a", add_special_tokens=False).input_ids
+    except Exception:   # a tokenizer that cannot encode at all: no BOS to add
+        return None
+    added = with_special[:len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+    return int(bos) if added[:1] == [bos] else None
+
+
 def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str | None = None,
            dataset: str | None = None, corpus: str = "prose") -> torch.Tensor:
     """A 1-D LongTensor of token ids from a split of a built-in corpus, a user's file or a hub dataset.

@@ -7,12 +7,18 @@ positions after them run with the modification on, and each of their next-token
 predictions is scored. So every scored token sees between ``prompt + 1`` and
 ``prompt + scored`` tokens of context, and per-token and per-sequence methods are
 compared on exactly the same predictions. Defaults: prompt 256, scored 256.
+
+BOS: a model whose tokenizer starts every text with a BOS token (Gemma) relies on it
+(it is the attention sink), so every window starts with that BOS, as the tokenizer would
+start a text: the BOS is one more dense position before the prompt and is never scored.
+:func:`moyu.data.bos_id` is the rule; :func:`moyu.models.load` records its answer on the
+model (``model.moyu_bos``) and ``Windows(bos="auto")`` (the default) reads it there.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoyuError
+from .stats import Bootstrap, intervals
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,29 @@ class Windows:
 
     prompt: int = 256
     scored: int = 256
+    bos: int | None | str = "auto"   # a token id, None (no BOS), or "auto": the model's own
+
+    @property
+    def lead(self) -> int:
+        """Dense positions at the start of a window: the BOS (when one is set) and the prompt."""
+        return self.prompt + (1 if isinstance(self.bos, int) else 0)
+
+    def resolved(self, model: nn.Module) -> "Windows":
+        """These windows with ``bos="auto"`` replaced by the model's BOS (``model.moyu_bos``) or None."""
+        if self.bos != "auto":
+            return self
+        return replace(self, bos=getattr(model, "moyu_bos", None))
+
+    def window(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Input ids of the window at ``start``: [BOS], then ``prompt + scored`` tokens of text."""
+        chunk = ids[start: start + self.prompt + self.scored]
+        if not isinstance(self.bos, int):
+            return chunk
+        return torch.cat([chunk.new_tensor([self.bos]), chunk])
+
+    def targets(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Next-token targets of the window's scored positions (the BOS shifts none of them)."""
+        return ids[start + self.prompt + 1: start + self.prompt + self.scored + 1]
 
     def starts(self, n_tokens: int) -> list[int]:
         """Window start offsets over a stream of ``n_tokens`` (each window needs one target past it)."""
@@ -64,15 +94,22 @@ class EvalResult:
     kl: float | None = None
     top1_agree: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, Any] = field(default_factory=dict)
+    per_token: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready dict."""
-        d = asdict(self)
-        d.pop("extra")
+        """Flat JSON-ready dict (intervals as ``<metric>_ci: [low, high]``; no per-token arrays)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "ci", "per_token", "windows")}
         d["prompt_len"], d["scored_len"] = self.windows.prompt, self.windows.scored
-        d.pop("windows")
+        d["bos"] = isinstance(self.windows.bos, int)
+        if self.dense_ppl is not None:
+            d["ppl_ratio"] = self.ppl / self.dense_ppl
         d.update(self.extra)
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items() if v is not None}
+        d.update(self.ci)
+
+        def r(v: Any) -> Any:
+            return round(v, 6) if isinstance(v, float) else [r(x) for x in v] if isinstance(v, list) else v
+        return {k: r(v) for k, v in d.items() if v is not None}
 
 
 def _scored_logits(model: nn.Module, window: torch.Tensor, w: Windows) -> torch.Tensor:
@@ -97,8 +134,8 @@ class DenseReference:
         Keyed by the model object and the window's token ids themselves (compared on a
         hit), so another text or model never receives stale logits.
         """
-        window = ids[start: start + w.prompt + w.scored]
-        key = (id(model), w.prompt, w.scored, hash(tuple(window[:16].tolist())))
+        window = w.window(ids, start)
+        key = (id(model), w.prompt, w.scored, w.bos, hash(tuple(window[:16].tolist())))
         hit = self._store.get(key)
         if hit is not None and torch.equal(hit[0], window):
             return hit[1]
@@ -112,42 +149,58 @@ class DenseReference:
 
 def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
              modifier: Modifier | None = None, reference: DenseReference | None = None,
-             max_windows: int | None = None, progress: bool = False) -> EvalResult:
+             max_windows: int | None = None, progress: bool = False,
+             bootstrap: Bootstrap | None = Bootstrap()) -> EvalResult:
     """Perplexity of ``model`` on ``ids``; with ``modifier``, also dense ppl, KL and top-1 agreement.
 
     ``ppl`` is the modified model's perplexity when a modifier is given, else dense.
     ``kl`` is the mean over scored tokens of KL(p_dense || p_modified) in nats.
+    With ``bootstrap`` (the default), the result carries block-bootstrap intervals of
+    every metric (:mod:`moyu.stats`; paired with dense for the ratio, KL and top-1) and
+    ``ci`` settings; ``per_token`` holds the arrays they were drawn from.
     """
     from tqdm import tqdm
 
     if ids.dim() != 1:
         raise MoyuError("evaluate expects a 1-D tensor of token ids")
+    windows = windows.resolved(model)
     starts = windows.starts(len(ids))[:max_windows]
     ref = reference or DenseReference(max_bytes=0)
-    nll_dense = nll_mod = kl_sum = 0.0
-    agree = n = 0
+    tok_dense: list[torch.Tensor] = []
+    tok_mod: list[torch.Tensor] = []
+    tok_kl: list[torch.Tensor] = []
+    tok_agree: list[torch.Tensor] = []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in tqdm(starts, desc="eval", disable=not progress, leave=False):
-            window = ids[s: s + windows.prompt + windows.scored]
-            target = ids[s + windows.prompt + 1: s + windows.prompt + windows.scored + 1]
+            window = windows.window(ids, s)
+            target = windows.targets(ids, s)
             dense = ref.get(model, ids, s, windows)
             logp_d = F.log_softmax(dense, -1)
-            nll_dense += float(-logp_d.gather(1, target[:, None]).sum())
-            n += len(target)
+            tok_dense.append(-logp_d.gather(1, target[:, None])[:, 0].double())
             if modifier is None:
                 continue
             with modifier:
-                modifier.begin(windows.prompt)
+                modifier.begin(windows.lead)
                 other = _scored_logits(model, window, windows)
             logp_o = F.log_softmax(other, -1)
-            nll_mod += float(-logp_o.gather(1, target[:, None]).sum())
-            kl_sum += float((logp_d.exp() * (logp_d - logp_o)).sum())
-            agree += int((dense.argmax(-1) == other.argmax(-1)).sum())
+            tok_mod.append(-logp_o.gather(1, target[:, None])[:, 0].double())
+            tok_kl.append((logp_d.exp() * (logp_d - logp_o)).sum(-1).double())
+            tok_agree.append((dense.argmax(-1) == other.argmax(-1)).double())
     seconds = time.perf_counter() - t0
-    dense_ppl = math.exp(nll_dense / n)
+    arrays = {"nll_dense": tok_dense, "nll": tok_mod, "kl": tok_kl, "agree": tok_agree}
+    per_token = {k: torch.cat(v).numpy() for k, v in arrays.items() if v}
+    n = len(per_token["nll_dense"])
+    dense_ppl = math.exp(float(per_token["nll_dense"].sum()) / n)
     if modifier is None:
-        return EvalResult(tokens=n, ppl=dense_ppl, seconds=seconds, windows=windows)
-    return EvalResult(tokens=n, ppl=math.exp(nll_mod / n), seconds=seconds, windows=windows,
-                      dense_ppl=dense_ppl, kl=kl_sum / n, top1_agree=agree / n,
-                      extra=dict(modifier.measured()))
+        ci = {} if bootstrap is None else {**intervals(per_token["nll_dense"], boot=bootstrap),
+                                           "ci": bootstrap.meta()}
+        return EvalResult(tokens=n, ppl=dense_ppl, seconds=seconds, windows=windows, ci=ci,
+                          per_token=per_token)
+    ci = {} if bootstrap is None else {
+        **intervals(per_token["nll"], per_token["nll_dense"], per_token["kl"], per_token["agree"], bootstrap),
+        "ci": bootstrap.meta()}
+    return EvalResult(tokens=n, ppl=math.exp(float(per_token["nll"].sum()) / n), seconds=seconds,
+                      windows=windows, dense_ppl=dense_ppl, kl=float(per_token["kl"].sum()) / n,
+                      top1_agree=float(per_token["agree"].sum()) / n, extra=dict(modifier.measured()),
+                      ci=ci, per_token=per_token)

@@ -420,7 +420,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
          verbose: bool = True) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` from a built-in name, a GGUF file, an HF folder or a hub id.
 
-    The model is returned in eval mode with ``model.moyu_name`` set to ``name_or_path``.
+    The model is returned in eval mode with ``model.moyu_name`` set to ``name_or_path`` and
+    ``model.moyu_bos`` to the BOS id its tokenizer starts texts with (None if it adds none).
     """
     from .arch import architecture_of
 
@@ -443,6 +444,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     architecture_of(model)  # refuse unsupported architectures early, in one line
     model.eval()
     model.moyu_name = name_or_path
+    from .data import bos_id
+    model.moyu_bos = bos_id(tok)   # evaluation / calibration windows start with it (moyu.evaluate)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -221,6 +221,8 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
     for key in ("method", "target", "sparsity", "ppl", "dense_ppl", "kl", "top1_agree", "seconds", "tokens"):
         assert key in res, key
     assert res["method"] == "cats" and 0 < res["sparsity"] < 1 and res["kl"] > 0
+    for key in ("ppl", "ppl_ratio", "kl", "top1_agree"):     # 95 % bootstrap intervals
+        assert res[f"{key}_ci"][0] <= res[key] <= res[f"{key}_ci"][1], key
     assert res["weights"] == "fp32" and "weights_dense_ppl" not in res
     # --weights: dense_ppl stays the fp32 reference, weights_dense_ppl is dense at the format
     assert cli.main(["eval", *common, "--text", prose, "--tokens", "300", "--method", "cats",
@@ -235,6 +237,11 @@ def test_calibrate_eval_and_sweep_commands(inputs, tiny_gguf, capsys, tmp_path):
         assert (out / name).stat().st_size > 0, name
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert {(r["method"], r["target"]) for r in rows} >= {("cats", 0.3), ("sketch", 0.6)}
+    assert all(r["ppl_ratio_ci"][0] <= r["ppl_ratio"] <= r["ppl_ratio_ci"][1] for r in rows)
+    assert "block-bootstrap interval" in (out / "sweep.md").read_text()
+    assert "ppl_ratio_lo" in (out / "sweep.csv").read_text().splitlines()[0]
+    at = json.loads((out / "sweep.json").read_text())["at_target"]
+    assert {(p["method"], p["target"]) for p in at} == {(m, t) for m in ("cats", "sketch") for t in (0.3, 0.6)}
 
 
 def test_method_options_are_typed_and_checked():

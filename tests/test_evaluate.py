@@ -10,6 +10,7 @@ import torch
 from moyu import MoyuError
 from moyu.arch import mlp_layers
 from moyu.evaluate import DenseReference, EvalResult, Windows, evaluate
+from moyu.stats import Bootstrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W = Windows(prompt=16, scored=24)
@@ -148,7 +149,26 @@ def test_changing_modifier_is_measured_against_unchanged_dense(tiny):
                 "scored_len", "sparsity", "calls"):
         assert key in d
     assert d["prompt_len"] == W.prompt and d["scored_len"] == W.scored
-    assert "windows" not in d and "extra" not in d
+    assert "windows" not in d and "extra" not in d and "per_token" not in d
+    for key in ("ppl", "dense_ppl", "ppl_ratio", "ppl_diff", "kl", "top1_agree"):
+        lo, hi = d[f"{key}_ci"]
+        assert lo <= hi
+    assert d["ppl_ratio_ci"][0] <= d["ppl_ratio"] <= d["ppl_ratio_ci"][1]
+    assert d["ci"]["block"] == 128 and d["ci"]["level"] == 0.95
+    assert len(res.per_token["nll"]) == res.tokens
+    assert math.isclose(math.exp(res.per_token["nll"].mean()), res.ppl, rel_tol=1e-9)
+
+
+def test_noop_modifier_has_an_exactly_zero_paired_interval(tiny):
+    """The same blocks are resampled for dense and modified: identical outputs give [1, 1]."""
+    res = evaluate(tiny("llama"), _ids(120), Windows(prompt=8, scored=8), modifier=NoOp(),
+                   bootstrap=Bootstrap(block=8))
+    d = res.to_dict()
+    assert d["ppl_ratio_ci"] == [1.0, 1.0] and d["ppl_diff_ci"] == [0.0, 0.0]
+    assert d["top1_agree_ci"] == [1.0, 1.0]
+    assert d["ppl_ci"][0] < d["ppl_ci"][1]
+    assert "ppl_ci" in evaluate(tiny("llama"), _ids(120), W).to_dict()
+    assert "ppl_ci" not in evaluate(tiny("llama"), _ids(120), W, bootstrap=None).to_dict()
 
 
 def test_dense_reference_never_serves_another_text_or_model(tiny):
@@ -180,4 +200,4 @@ def test_modifier_leaves_prompt_positions_dense(tiny):
 
 def test_to_dict_drops_empty_fields():
     d = EvalResult(tokens=10, ppl=1.23456789, seconds=0.5, windows=Windows(3, 4)).to_dict()
-    assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4}
+    assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4, "bos": False}

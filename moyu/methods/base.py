@@ -124,9 +124,23 @@ class InputRule:
     leaves that projection dense.
     """
 
-    def __init__(self, thresholds: dict[str, float], scales: dict[str, torch.Tensor] | None = None):
+    def __init__(self, thresholds: dict[str, float], scales: dict[str, torch.Tensor] | None = None,
+                 transforms: dict[str, Any] | None = None):
         self.thresholds = dict(thresholds)    # role -> tau
         self.scales = dict(scales or {})      # role -> per-channel factor (WINA: column norms)
+        # role -> change of input coordinates (WINA's SVD rotation, moyu.methods.rotation):
+        # channels are scored and masked in the rotated basis, then mapped back
+        self.transforms = dict(transforms or {})
+
+    def coords(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        """The input in the coordinates its channels are scored in (``x`` itself without a transform)."""
+        t = self.transforms.get(role)
+        return x if t is None else t.forward(x)
+
+    def restore(self, role: str, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The linear's input from (masked) coordinates (inverse of :meth:`coords`)."""
+        t = self.transforms.get(role)
+        return z if t is None else t.back(z, dtype)
 
     def keep(self, role: str, x: torch.Tensor) -> torch.Tensor:
         """Keep-mask of input channels of ``x`` for projection ``role``."""
@@ -322,7 +336,8 @@ class Sparsifier:
                                   else self._dense_prefix(i, t), x.shape[0], t)
                 if p >= t:
                     return None
-                keep = rule.keep(role, x[:, p:])
+                xt = rule.coords(role, x[:, p:])
+                keep = rule.keep(role, xt)
                 if sparse is not None:
                     keep = keep | ~sparse[..., None]
                 # counted in weights (a channel of a wide linear skips more bytes)
@@ -334,7 +349,7 @@ class Sparsifier:
                 c.kept += n_keep * outf
                 c.total += n_all * outf
                 c.skipped_bytes += (n_all - n_keep) * outf
-                tail = x[:, p:] * keep.to(x.dtype)
+                tail = rule.restore(role, xt * keep.to(xt.dtype), x.dtype)
                 out = torch.cat([x[:, :p], tail], 1) if p else tail
                 return (out[0] if squeeze else out,)
 

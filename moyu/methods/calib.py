@@ -66,11 +66,12 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
     from tqdm import tqdm
 
     layers = mlp_layers(model)
+    windows = windows.resolved(model)
     starts = calib_starts(len(ids), windows, max_windows)
     out = CalibSamples(*[[[] for _ in layers] for _ in range(7)])
     gen = torch.Generator().manual_seed(seed)
     pos: torch.Tensor = torch.empty(0, dtype=torch.long)
-    p = windows.prompt
+    p = windows.lead   # dense positions (BOS + prompt): prompt statistics include the BOS
 
     def keep(store: list, t: torch.Tensor) -> None:
         t = t if t.dim() == 3 else t[None]   # OPT flattens batch and time: [T, F]
@@ -94,7 +95,7 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
             for s in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
                 n = min(per_window, windows.scored)
                 pos = torch.randperm(windows.scored, generator=gen)[:n]
-                model(ids[s: s + p + windows.scored][None], logits_to_keep=1, use_cache=False)
+                model(windows.window(ids, s)[None], logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -106,6 +107,7 @@ def block_inputs(model: nn.Module, ids: torch.Tensor, windows: Windows, n_window
     """Per decoder layer, the positional and keyword arguments of its call on each of the
     first ``n_windows`` calibration windows (dense model), to replay the layer alone."""
     layers = mlp_layers(model)
+    windows = windows.resolved(model)
     starts = calib_starts(len(ids), windows, n_windows)
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
 
@@ -119,7 +121,7 @@ def block_inputs(model: nn.Module, ids: torch.Tensor, windows: Windows, n_window
     try:
         with torch.inference_mode():
             for s in starts:
-                model(ids[s: s + windows.prompt + windows.scored][None], logits_to_keep=1, use_cache=False)
+                model(windows.window(ids, s)[None], logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -77,6 +77,7 @@ class Method:
                   windows: Windows = Windows(), progress: bool = False, **params: Any) -> Profile:
         """Fit per-layer parameters on calibration ``ids`` for ``target``; returns a Profile."""
         self.check(model)
+        windows = windows.resolved(model)
         opts = self.make_options(**params)
         prof = Profile(method=self.name, target=dict(target), params=dataclasses.asdict(opts),
                        model=fingerprint(model), config_version=self.version)

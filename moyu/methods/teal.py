@@ -22,16 +22,16 @@ held-out text (upstream sparsity leaves more small channels downstream). ``alloc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from ..arch import MLPLayer
-from ..evaluate import Windows
 from . import calib as C
 from .base import InputRule, projection_weight, projections
 from .method import Method, register
+from .rotation import rotations
 from .options import CalibOptions
 
 # calibration stream holding each projection's input
@@ -85,8 +85,9 @@ class BlockReplay:
     """
 
     def __init__(self, ml: MLPLayer, calls: list[tuple[tuple, dict]], prompt: int,
-                 scales: dict[str, torch.Tensor]):
+                 scales: dict[str, torch.Tensor], transforms: dict | None = None):
         self.ml, self.calls, self.p, self.scales = ml, calls, prompt, scales
+        self.rule = InputRule({}, scales, transforms)   # the rotation (WINA transform=svd), if any
         self.mods = projections(ml)
         self.taus: dict[str, float] = {}
         self.dense = [self._run(c) for c in calls]
@@ -113,9 +114,9 @@ class BlockReplay:
 
         def pre(_m, args):
             x = args[0]
-            tail = x[..., self.p:, :]
+            tail = self.rule.coords(role, x[..., self.p:, :])
             score = tail.abs() if scale is None else tail.abs() * scale
-            tail = tail * (score > self.taus[role]).to(x.dtype)
+            tail = self.rule.restore(role, tail * (score > self.taus[role]).to(tail.dtype), x.dtype)
             return (torch.cat([x[..., :self.p, :], tail], -2),)
         return pre
 
@@ -163,6 +164,12 @@ class TealOptions(CalibOptions):
         "min": 2, "help": "short calibration windows the block is replayed on to measure its output error"})
 
 
+@dataclass(frozen=True)
+class WinaOptions(TealOptions):
+    transform: Literal["none", "svd"] = field(default="none", metadata={
+        "help": "svd: WINA's orthogonal transform (score and mask channels of the SVD-rotated, norm-folded input)"})
+
+
 class Teal(Method):
     rule_type = InputRule
     name, granularity = "teal", "input"
@@ -173,27 +180,37 @@ class Teal(Method):
     version = 2   # v1 shared thresholds across q/k/v and gate/up
     scaled = False
 
-    def scales(self, ml: MLPLayer) -> dict[str, torch.Tensor]:
-        """Per-projection channel factors of the score (TEAL: none)."""
-        return wina_scales(ml) if self.scaled else {}
+    def scales(self, ml: MLPLayer, transform: str = "none") -> dict[str, torch.Tensor]:
+        """Per-projection channel factors of the score (TEAL: none; WINA: column norms, of
+        the rotated weights with ``transform="svd"``)."""
+        if not self.scaled:
+            return {}
+        if transform == "none":
+            return wina_scales(ml)
+        return {r: v for r, v in rotations(ml, roles(ml))[1].items() if r in wina_scales(ml)}
+
+    def transforms(self, ml: MLPLayer, transform: str = "none") -> dict:
+        """Per-projection change of input coordinates (WINA ``transform="svd"``; else none)."""
+        return {} if transform == "none" else rotations(ml, roles(ml))[0]
 
     def fit(self, prof, layers, samples, target, opts):
         s = target["sparsity"]
         calls = None
         # the block is replayed on short windows (a quarter of the evaluation layout) to keep
         # the greedy's many block forwards affordable on a CPU
-        rw = Windows(prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
+        rw = replace(self.windows, prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
         if opts.allocation == "greedy" and s > 0:
             calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
         out, levels = [], []
+        tf = getattr(opts, "transform", "none")
         for ml in layers:
-            sc = self.scales(ml)
-            scores = self._scores(ml, samples, sc)
+            sc, rot = self.scales(ml, tf), self.transforms(ml, tf)
+            scores = self._scores(ml, samples, sc, rot)
             sizes = role_sizes(ml)
             if calls is None:
                 level = {r: s for r in scores}
             else:
-                replay = BlockReplay(ml, calls[ml.index], rw.prompt, sc)
+                replay = BlockReplay(ml, calls[ml.index], rw.lead, sc, rot)
                 d = ml.w_up.shape[1]
                 level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
             for r in scores:
@@ -205,20 +222,22 @@ class Teal(Method):
             # outputs have more small channels): re-estimate each threshold, at the same
             # level, on the inputs seen with the current thresholds applied.
             sp = self.build(self.model, prof)
-            sp.begin(self.windows.prompt)
+            sp.begin(self.windows.lead)
             again = C.collect(self.model, self.ids, self.windows, self.streams, per_window=opts.per_window,
                               max_windows=opts.calib_windows, during=sp)
             for ml, level in zip(layers, levels):
-                scores = self._scores(ml, again, self.scales(ml))
+                scores = self._scores(ml, again, self.scales(ml, tf), self.transforms(ml, tf))
                 for r in scores:
                     prof.set_layer(ml.index, f"tau_{r}", torch.tensor(scores[r].tau(level[r])))
         return out
 
-    def _scores(self, ml: MLPLayer, samples: C.CalibSamples, sc: dict[str, torch.Tensor]
-                ) -> dict[str, SortedScores]:
+    def _scores(self, ml: MLPLayer, samples: C.CalibSamples, sc: dict[str, torch.Tensor],
+                rot: dict | None = None) -> dict[str, SortedScores]:
         out = {}
         for r in roles(ml):
             x = samples.cat(ROLE_STREAM[r], ml.index)
+            if rot and r in rot:
+                x = rot[r].forward(x)
             out[r] = SortedScores(x.abs() * sc[r] if r in sc else x.abs())
         return out
 
@@ -226,14 +245,16 @@ class Teal(Method):
         taus = {r: float(prof.layer(ml.index, f"tau_{r}")) for r in roles(ml)}
         if all(t < 0 for t in taus.values()):
             return None
-        return InputRule(taus, self.scales(ml))
+        tf = prof.params.get("transform", "none")
+        return InputRule(taus, self.scales(ml, tf), self.transforms(ml, tf))
 
 
 class Wina(Teal):
     name = "wina"
     summary = ("like TEAL, scoring input channels by |x_j| * ||W[:, j]||_2 where microsoft/wina does "
-               "(k and gate; fused qkv and gate_up), |x_j| elsewhere")
+               "(k and gate; fused qkv and gate_up), |x_j| elsewhere; transform=svd: in the SVD-rotated basis")
     scaled = True
+    Options = WinaOptions
 
 
 register(Teal())

@@ -211,6 +211,10 @@ def input_threshold(rule: InputRule, role: str) -> tuple[float, Tensor | None]:
     its own entry where the rule has per-projection thresholds, else its group's."""
     group = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "gate": "mlp", "up": "mlp"}.get(role, role)
     key = role if role in rule.thresholds else group
+    if getattr(rule, "transforms", None):
+        raise MoyuError("wina with --option transform=svd has no decode path in the lean runtime (its "
+                        "rotation is applied in evaluation hooks, not folded into the weights): bench wina "
+                        "without the transform")
     return rule.thresholds[key], rule.scales.get(key)
 
 
