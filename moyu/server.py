@@ -215,32 +215,30 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
         return JSONResponse(response(req, c, engine))
 
     def stream(req: Request, job: _Job):
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        pipe = _Pipe(asyncio.get_running_loop())
 
         def produce():
             s = engine.stream(req.ids, req.params, job.cancelled)
             try:
                 for piece in s:
-                    loop.call_soon_threadsafe(q.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(q.put_nowait, ("done", s.completion))
+                    pipe.put(piece)
+                pipe.end("done", s.completion)
             except BaseException as e:
-                loop.call_soon_threadsafe(q.put_nowait, ("error", e))
+                pipe.end("error", e)
                 raise
             finally:
                 s.close()
         run_on_worker(job, produce)
-
-        def sse(obj: dict) -> bytes:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+        piece_event = sse_piece(req, engine)
 
         async def events() -> AsyncIterator[bytes]:
             if req.kind == "chat":
                 yield sse(chunk(req, engine, first=True))
             while True:
-                kind, value = await q.get()
-                if kind == "piece":
-                    yield sse(chunk(req, engine, text=value))
+                text, (kind, value) = await pipe.get()
+                if text:
+                    yield piece_event(text)
+                if kind is None:
                     continue
                 if kind == "error":
                     log.error("stream failed: %r", value)
@@ -298,6 +296,70 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
 
     app.state.executor = executor
     return app
+
+
+class _Pipe:
+    """Text pieces from the runtime thread to the event loop, without a hand-off per token.
+
+    The runtime thread never waits: it appends and wakes the loop only if the loop is
+    parked waiting for text (one ``call_soon_threadsafe``, i.e. one self-pipe write and one
+    GIL hand-off, instead of one per token). The loop takes everything that arrived since
+    it last looked, so a loop that falls behind sends one event for several tokens (the
+    text and its order are unchanged) rather than queueing a backlog.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pieces: list[str] = []
+        self._end: tuple[str | None, Any] = (None, None)
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, piece: str) -> None:
+        """Runtime thread: one more piece of text."""
+        with self._lock:
+            self._pieces.append(piece)
+            self._wake()
+
+    def end(self, kind: str, value: Any) -> None:
+        """Runtime thread: the stream ended (``"done"``, completion) or failed (``"error"``, exception)."""
+        with self._lock:
+            self._end = (kind, value)
+            self._wake()
+
+    def _wake(self) -> None:   # under the lock
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    async def get(self) -> tuple[str, tuple[str | None, Any]]:
+        """Event loop: ``(text arrived so far, (end kind or None, value))``, waiting for either."""
+        while True:
+            with self._lock:
+                if self._pieces or self._end[0] is not None:
+                    text = "".join(self._pieces)
+                    self._pieces.clear()
+                    return text, self._end
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def sse(obj: dict) -> bytes:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def sse_piece(req: Request, engine: Engine) -> Callable[[str], bytes]:
+    """The text chunk's event for any text: the chunk is rendered once per request and only
+    the text is encoded per event (same bytes as ``sse(chunk(req, engine, text=text))``)."""
+    mark = "\x00moyu-text\x00"
+    head, tail = sse(chunk(req, engine, text=mark)).split(json.dumps(mark).encode())
+    return lambda text: head + json.dumps(text, ensure_ascii=False).encode() + tail
 
 
 def _cancelling_stream(content: AsyncIterator[bytes], on_close: Callable[[], None], **kw):
