@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for one :class:`~moyu.engine.Engine` (FastAPI + uvicorn).
 
-Requests run one at a time on the batch-1 runtime, in one worker thread, so the event loop
-stays free to accept, queue and refuse. At most ``max_queue`` requests wait behind the
+Requests run one at a time on the batch-1 runtime, in one :class:`RuntimeThread` (which
+`moyu serve` also builds the engine on), so the event loop stays free to accept, queue and
+refuse. At most ``max_queue`` requests wait behind the
 running one; more get 503 at once. A request that outlives ``timeout`` seconds (queue wait
 included) is stopped between two tokens and answered 504 (or, once a stream has started,
 with an error event). A client that disconnects, mid-stream or while queued, cancels its
@@ -11,10 +12,11 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable
 
 from .engine import Completion, Engine
@@ -94,6 +96,45 @@ class Gate:
         self._lock.release()
 
 
+class RuntimeThread(Executor):
+    """The one thread that does the runtime's torch work: build the engine on it, then every
+    request decodes on it.
+
+    Why the build too: GNU OpenMP (torch's CPU threads) keeps one team of worker threads per
+    thread that starts parallel work, and once it manages more threads than the machine has
+    cores it stops spin-waiting between parallel regions, so each of the hundreds of regions
+    in a decode step wakes its workers through the kernel. A server whose main thread built
+    the model (one team) and whose worker thread decoded (a second team) lost 20-30 % of
+    decode speed against `moyu bench` (one team, all on the main thread) on a quiet machine.
+    One thread for both keeps one team, as in `moyu bench` and `moyu generate`.
+    """
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # a daemon: Ctrl-C during a long calibration ends the process instead of waiting for it
+        threading.Thread(target=self._loop, name="moyu-runtime", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fut, fn, args, kwargs = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:   # handed to whoever waits on the future
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> Future:
+        """Queue ``fn(*args, **kwargs)`` for the runtime thread; its future."""
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args, kwargs))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the runtime thread and wait for its result."""
+        return self.submit(fn, *args, **kwargs).result()
+
+
 class _Job:
     """One request's run on the worker thread, cancellable from the event loop."""
 
@@ -112,9 +153,10 @@ class _Job:
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
-               timeout: float = 300.0, max_body: int = 1 << 20):
+               timeout: float = 300.0, max_body: int = 1 << 20, runtime: RuntimeThread | None = None):
     """The FastAPI app serving ``engine``: ``/v1/chat/completions``, ``/v1/completions``,
-    ``/v1/models``, ``/health``. ``api_key``: required as ``Authorization: Bearer KEY`` on /v1."""
+    ``/v1/models``, ``/health``. ``api_key``: required as ``Authorization: Bearer KEY`` on /v1.
+    ``runtime``: the thread that built ``engine`` (decoding runs there); default: a new one."""
     _require_server_stack()
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -124,7 +166,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
 
     check_server_options(8000, max_queue, timeout)
     app = FastAPI(title="moyu", docs_url=None, redoc_url=None, openapi_url=None)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moyu-runtime")
+    executor = runtime or RuntimeThread()
     started = int(time.time())
     state: dict[str, Gate] = {}
 
@@ -377,11 +419,12 @@ def _cancelling_stream(content: AsyncIterator[bytes], on_close: Callable[[], Non
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 8, timeout: float = 300.0, log_level: str = "info") -> None:
-    """Serve ``engine`` until interrupted (Ctrl-C)."""
+          max_queue: int = 8, timeout: float = 300.0, log_level: str = "info",
+          runtime: RuntimeThread | None = None) -> None:
+    """Serve ``engine`` until interrupted (Ctrl-C); ``runtime``: the thread that built it."""
     _require_server_stack()
     import uvicorn
-    app = create_app(engine, api_key, max_queue, timeout)
+    app = create_app(engine, api_key, max_queue, timeout, runtime=runtime)
     where = f"http://{host}:{port}/v1"
     print(f"moyu serve: {engine.name} ({engine.method or 'dense'}, context {engine.max_seq}) on {where}"
           + ("  (API key required)" if api_key else ""), file=sys.stderr, flush=True)
