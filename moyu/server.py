@@ -103,10 +103,11 @@ class RuntimeThread(Executor):
     Why the build too: GNU OpenMP (torch's CPU threads) keeps one team of worker threads per
     thread that starts parallel work, and once it manages more threads than the machine has
     cores it stops spin-waiting between parallel regions, so each of the hundreds of regions
-    in a decode step wakes its workers through the kernel. A server whose main thread built
-    the model (one team) and whose worker thread decoded (a second team) lost 20-30 % of
-    decode speed against `moyu bench` (one team, all on the main thread) on a quiet machine.
-    One thread for both keeps one team, as in `moyu bench` and `moyu generate`.
+    in a decode step wakes its workers through the kernel. The server whose main thread built
+    the model (one team) and whose worker thread decoded (a second team) measured 30 % below
+    `moyu bench` (one team, all on the main thread) on a quiet machine; on a loaded machine
+    it was the other way round (libgomp's spin-waiting then costs more than it saves). One
+    thread for both keeps one team, so serving decodes as `moyu bench` and `moyu generate` do.
     """
 
     def __init__(self):
