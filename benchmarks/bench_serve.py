@@ -209,6 +209,9 @@ def main() -> int:
     print(f"  served / runtime: {out['served_vs_runtime_tok_s']} (tok/s; rounds "
           f"{min(out['round_ratios']):.3f}-{max(out['round_ratios']):.3f}), {out['served_vs_runtime_decode']} (decode)"
           f"; target >= 0.95: {'met' if out['served_vs_runtime_tok_s'] >= 0.95 else 'not met'}")
+    lo, hi = min(out["round_ratios"]), max(out["round_ratios"])
+    if hi / lo > 1.25:
+        print(f"  note: the rounds' ratios spread {lo:.2f}-{hi:.2f}: the machine was too busy for a firm verdict")
     bad = [k for k, ok in out["same_work"].items() if not ok]
     if bad:
         print(f"  warning: the two sides differ in {', '.join(bad)}: the comparison is not like for like")

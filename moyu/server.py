@@ -344,11 +344,12 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
 class _Pipe:
     """Text pieces from the runtime thread to the event loop, without a hand-off per token.
 
-    The runtime thread never waits: it appends and wakes the loop only if the loop is
-    parked waiting for text (one ``call_soon_threadsafe``, i.e. one self-pipe write and one
-    GIL hand-off, instead of one per token). The loop takes everything that arrived since
-    it last looked, so a loop that falls behind sends one event for several tokens (the
-    text and its order are unchanged) rather than queueing a backlog.
+    The runtime thread never waits: it appends, and wakes the loop (one
+    ``call_soon_threadsafe``: a self-pipe write and a GIL hand-off) only if the loop is
+    parked waiting for text, not for every piece. The loop takes everything that arrived
+    since it last looked, so a loop that falls behind sends one event for several tokens
+    (the text and its order are unchanged) instead of working through a backlog; a loop
+    that keeps up still sends each piece as soon as it is decoded.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
