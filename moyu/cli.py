@@ -463,6 +463,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_weights_arg(p)
     add_method_args(p)
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens: prompt + reply (KV cache)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.set_defaults(prompt_len=256, scored_len=256)   # calibration windows (no text options here)
 
 
@@ -493,6 +494,11 @@ def load_engine(args: argparse.Namespace):
     if args.method:
         check_sparsity(args.sparsity)
         check_decodable(args.method, args.sparsity)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MoyuError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     with contextlib.redirect_stdout(sys.stderr):     # stdout carries the answer only
         model, tok = load_model(args)
         prof = make_profile(args, model, tok, weights_sim(args, model)) if (args.method or args.profile) else None
@@ -543,10 +549,12 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import check_server_options, serve
+    from .server import RuntimeThread, check_server_options, serve
     api_key = args.api_key or os.environ.get("MOYU_API_KEY") or None
     check_server_options(args.port, args.max_queue, args.timeout)
-    serve(load_engine(args), args.host, args.port, api_key, args.max_queue, args.timeout)
+    runtime = RuntimeThread()     # builds the engine and decodes: one OpenMP team (see RuntimeThread)
+    serve(runtime.call(load_engine, args), args.host, args.port, api_key, args.max_queue, args.timeout,
+          runtime=runtime)
     return 0
 
 

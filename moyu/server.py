@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for one :class:`~moyu.engine.Engine` (FastAPI + uvicorn).
 
-Requests run one at a time on the batch-1 runtime, in one worker thread, so the event loop
-stays free to accept, queue and refuse. At most ``max_queue`` requests wait behind the
+Requests run one at a time on the batch-1 runtime, in one :class:`RuntimeThread` (which
+`moyu serve` also builds the engine on), so the event loop stays free to accept, queue and
+refuse. At most ``max_queue`` requests wait behind the
 running one; more get 503 at once. A request that outlives ``timeout`` seconds (queue wait
 included) is stopped between two tokens and answered 504 (or, once a stream has started,
 with an error event). A client that disconnects, mid-stream or while queued, cancels its
@@ -11,10 +12,11 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable
 
 from .engine import Completion, Engine
@@ -94,6 +96,46 @@ class Gate:
         self._lock.release()
 
 
+class RuntimeThread(Executor):
+    """The one thread that does the runtime's torch work: build the engine on it, then every
+    request decodes on it.
+
+    Why the build too: GNU OpenMP (torch's CPU threads) keeps one team of worker threads per
+    thread that starts parallel work, and once it manages more threads than the machine has
+    cores it stops spin-waiting between parallel regions, so each of the hundreds of regions
+    in a decode step wakes its workers through the kernel. The server whose main thread built
+    the model (one team) and whose worker thread decoded (a second team) measured 30 % below
+    `moyu bench` (one team, all on the main thread) on a quiet machine; on a loaded machine
+    it was the other way round (libgomp's spin-waiting then costs more than it saves). One
+    thread for both keeps one team, so serving decodes as `moyu bench` and `moyu generate` do.
+    """
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # a daemon: Ctrl-C during a long calibration ends the process instead of waiting for it
+        threading.Thread(target=self._loop, name="moyu-runtime", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fut, fn, args, kwargs = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:   # handed to whoever waits on the future
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> Future:
+        """Queue ``fn(*args, **kwargs)`` for the runtime thread; its future."""
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args, kwargs))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the runtime thread and wait for its result."""
+        return self.submit(fn, *args, **kwargs).result()
+
+
 class _Job:
     """One request's run on the worker thread, cancellable from the event loop."""
 
@@ -112,9 +154,10 @@ class _Job:
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
-               timeout: float = 300.0, max_body: int = 1 << 20):
+               timeout: float = 300.0, max_body: int = 1 << 20, runtime: RuntimeThread | None = None):
     """The FastAPI app serving ``engine``: ``/v1/chat/completions``, ``/v1/completions``,
-    ``/v1/models``, ``/health``. ``api_key``: required as ``Authorization: Bearer KEY`` on /v1."""
+    ``/v1/models``, ``/health``. ``api_key``: required as ``Authorization: Bearer KEY`` on /v1.
+    ``runtime``: the thread that built ``engine`` (decoding runs there); default: a new one."""
     _require_server_stack()
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -124,7 +167,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
 
     check_server_options(8000, max_queue, timeout)
     app = FastAPI(title="moyu", docs_url=None, redoc_url=None, openapi_url=None)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moyu-runtime")
+    executor = runtime or RuntimeThread()
     started = int(time.time())
     state: dict[str, Gate] = {}
 
@@ -215,32 +258,30 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
         return JSONResponse(response(req, c, engine))
 
     def stream(req: Request, job: _Job):
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        pipe = _Pipe(asyncio.get_running_loop())
 
         def produce():
             s = engine.stream(req.ids, req.params, job.cancelled)
             try:
                 for piece in s:
-                    loop.call_soon_threadsafe(q.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(q.put_nowait, ("done", s.completion))
+                    pipe.put(piece)
+                pipe.end("done", s.completion)
             except BaseException as e:
-                loop.call_soon_threadsafe(q.put_nowait, ("error", e))
+                pipe.end("error", e)
                 raise
             finally:
                 s.close()
         run_on_worker(job, produce)
-
-        def sse(obj: dict) -> bytes:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+        piece_event = sse_piece(req, engine)
 
         async def events() -> AsyncIterator[bytes]:
             if req.kind == "chat":
                 yield sse(chunk(req, engine, first=True))
             while True:
-                kind, value = await q.get()
-                if kind == "piece":
-                    yield sse(chunk(req, engine, text=value))
+                text, (kind, value) = await pipe.get()
+                if text:
+                    yield piece_event(text)
+                if kind is None:
                     continue
                 if kind == "error":
                     log.error("stream failed: %r", value)
@@ -300,6 +341,71 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8,
     return app
 
 
+class _Pipe:
+    """Text pieces from the runtime thread to the event loop, without a hand-off per token.
+
+    The runtime thread never waits: it appends, and wakes the loop (one
+    ``call_soon_threadsafe``: a self-pipe write and a GIL hand-off) only if the loop is
+    parked waiting for text, not for every piece. The loop takes everything that arrived
+    since it last looked, so a loop that falls behind sends one event for several tokens
+    (the text and its order are unchanged) instead of working through a backlog; a loop
+    that keeps up still sends each piece as soon as it is decoded.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pieces: list[str] = []
+        self._end: tuple[str | None, Any] = (None, None)
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, piece: str) -> None:
+        """Runtime thread: one more piece of text."""
+        with self._lock:
+            self._pieces.append(piece)
+            self._wake()
+
+    def end(self, kind: str, value: Any) -> None:
+        """Runtime thread: the stream ended (``"done"``, completion) or failed (``"error"``, exception)."""
+        with self._lock:
+            self._end = (kind, value)
+            self._wake()
+
+    def _wake(self) -> None:   # under the lock
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    async def get(self) -> tuple[str, tuple[str | None, Any]]:
+        """Event loop: ``(text arrived so far, (end kind or None, value))``, waiting for either."""
+        while True:
+            with self._lock:
+                if self._pieces or self._end[0] is not None:
+                    text = "".join(self._pieces)
+                    self._pieces.clear()
+                    return text, self._end
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def sse(obj: dict) -> bytes:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def sse_piece(req: Request, engine: Engine) -> Callable[[str], bytes]:
+    """The text chunk's event for any text: the chunk is rendered once per request and only
+    the text is encoded per event (same bytes as ``sse(chunk(req, engine, text=text))``)."""
+    mark = "\x00moyu-text\x00"
+    head, tail = sse(chunk(req, engine, text=mark)).split(json.dumps(mark).encode())
+    return lambda text: head + json.dumps(text, ensure_ascii=False).encode() + tail
+
+
 def _cancelling_stream(content: AsyncIterator[bytes], on_close: Callable[[], None], **kw):
     """A streaming response that calls ``on_close`` however it ends (finished, client gone,
     or never started), so the runtime never goes on decoding for nobody."""
@@ -315,11 +421,12 @@ def _cancelling_stream(content: AsyncIterator[bytes], on_close: Callable[[], Non
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 8, timeout: float = 300.0, log_level: str = "info") -> None:
-    """Serve ``engine`` until interrupted (Ctrl-C)."""
+          max_queue: int = 8, timeout: float = 300.0, log_level: str = "info",
+          runtime: RuntimeThread | None = None) -> None:
+    """Serve ``engine`` until interrupted (Ctrl-C); ``runtime``: the thread that built it."""
     _require_server_stack()
     import uvicorn
-    app = create_app(engine, api_key, max_queue, timeout)
+    app = create_app(engine, api_key, max_queue, timeout, runtime=runtime)
     where = f"http://{host}:{port}/v1"
     print(f"moyu serve: {engine.name} ({engine.method or 'dense'}, context {engine.max_seq}) on {where}"
           + ("  (API key required)" if api_key else ""), file=sys.stderr, flush=True)

@@ -284,7 +284,9 @@ def test_disconnect_mid_stream_frees_the_runtime(url, engine, reference):
 
 
 def test_timeout(engine, reference):
-    with running(engine, timeout=0.5) as u:
+    # CTX - 40 slowed steps take >= 1.76 s whatever the load; the greedy check's NEW take 0.48 s
+    # plus overhead, which on a loaded 2-core machine can pass 0.5 s: 1.5 s separates them.
+    with running(engine, timeout=1.5) as u:
         status, err = raw(u, "POST", "/v1/completions",
                           json.dumps({"model": engine.name, "prompt": PROMPT, "max_tokens": CTX - 40}))
         assert status == 504 and err["error"]["code"] == "timeout"
@@ -331,3 +333,47 @@ def test_serve_command(tiny_gguf, reference):
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out
     assert "Traceback" not in out
+
+
+class _ThreadSpy:
+    """A runtime that records the threads its prefill and decode steps run on."""
+
+    def __init__(self, runtime):
+        self.runtime, self.threads = runtime, set()
+
+    @property
+    def max_seq(self) -> int:
+        return self.runtime.max_seq
+
+    def prefill(self, ids):
+        self.threads.add(threading.current_thread())
+        return self.runtime.prefill(ids)
+
+    def decode_step(self, token):
+        self.threads.add(threading.current_thread())
+        return self.runtime.decode_step(token)
+
+
+def test_serve_builds_and_decodes_on_one_thread(monkeypatch, engine, reference):
+    """`moyu serve` builds the engine on the thread that then runs every request (so torch's
+    OpenMP keeps one team of threads, as in `moyu bench`), not on the event loop's thread."""
+    from moyu import cli, server
+    spy = _ThreadSpy(engine.runtime)
+    built = {}
+
+    def load_engine(args):
+        built["thread"] = threading.current_thread()
+        return Engine(spy, engine.tok, engine.name, sorted(engine.eos))
+
+    def serve(eng, *args, runtime=None):
+        built.update(engine=eng, runtime=runtime)
+    monkeypatch.setattr(cli, "load_engine", load_engine)
+    monkeypatch.setattr(server, "serve", serve)
+    assert cli.main(["serve", "--model", "tiny", "--port", "8123"]) == 0
+    runtime = built["runtime"]
+    assert built["thread"] is runtime.call(threading.current_thread) is not threading.current_thread()
+    with running(built["engine"], runtime=runtime) as u:
+        greedy_ok(u, engine.name, reference)
+        chunks = list(client(u).completions.create(model=engine.name, prompt=PROMPT, max_tokens=NEW, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == reference["completion"]["text"]
+    assert spy.threads == {built["thread"]}
