@@ -35,12 +35,14 @@ def stats_line(c: Completion, engine: Engine) -> str:
 
 
 def generate(engine: Engine, prompt: str, params: GenerationParams, chat: bool = False,
-             as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Completion:
-    """Continue ``prompt`` (as a user turn with ``chat``), streaming the text to ``out``.
+             as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> Completion:
+    """Continue ``prompt`` (as a user turn with ``chat``), streaming the text to ``out``
+    (default: the current ``sys.stdout``; figures to ``err``, default ``sys.stderr``).
 
     With ``as_json`` nothing is streamed: one JSON object (text, counts, speeds, sparsity)
     is printed at the end instead.
     """
+    out, err = out or sys.stdout, err or sys.stderr
     if not prompt:
         raise MoyuError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE")
     ids = engine.chat_ids([{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
@@ -114,15 +116,16 @@ def _read_line(inp: TextIO, out: TextIO) -> str:
 
 
 def chat(engine: Engine, params: GenerationParams, system: str | None = None,
-         inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
          show_stats: bool = True) -> list[dict]:
     """An interactive chat until ``/exit`` or end of input; the final history.
 
     The whole conversation is the prompt of each reply, trimmed from the oldest turn when it
     outgrows the context window (``params.max_tokens`` is kept free for the reply). Ctrl-C
     during a reply stops it (the partial reply stays in the history); at the prompt it
-    clears the line.
+    clears the line. ``inp``/``out``/``err`` default to the current ``sys`` streams.
     """
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     reserve = params.max_tokens or max(engine.max_seq // 4, 1)
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)

@@ -49,6 +49,7 @@ def spawn(*argv: str):
                          codec_errors="replace")
 
 
+@pytest.mark.slow   # separate processes: interpreter and model start-up dominate
 def test_chat_command_in_a_terminal(tiny_gguf):
     child = spawn(sys.executable, "-m", "moyu.cli", "chat", "--model", str(tiny_gguf), "--ctx", "128",
                   "--max-tokens", "8")
@@ -68,6 +69,7 @@ def test_chat_command_in_a_terminal(tiny_gguf):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow   # separate processes: interpreter and model start-up dominate
 def test_ctrl_c_stops_a_reply_not_the_chat(tiny_gguf):
     child = spawn(sys.executable, "-c", SLOW_CHAT, str(tiny_gguf))
     child.expect_exact(">>> ")
@@ -112,6 +114,7 @@ def test_history_is_trimmed_to_the_context(engine):
     assert len(history) < 2 + 2 * 9                         # older turns were dropped
 
 
+@pytest.mark.slow   # separate processes: interpreter and model start-up dominate
 def test_generate_command(tiny_gguf, tmp_path, capsys):
     run = lambda *a: subprocess.run([sys.executable, "-m", "moyu.cli", "generate", "--model", str(tiny_gguf),
                                      "--ctx", "128", *a], capture_output=True, text=True, env=ENV, cwd=ROOT,

@@ -135,6 +135,7 @@ def test_eval_json_default_model(default_run):
     assert obj["prompt_len"] == 256 and obj["scored_len"] == 256
 
 
+@pytest.mark.slow   # a fresh interpreter: start-up dominates
 def test_eval_json_on_a_gguf_file_and_text_file(runs, inputs):
     rc, stdout, stderr = runs["tiny json"]
     assert rc == 0, stderr
@@ -144,13 +145,7 @@ def test_eval_json_on_a_gguf_file_and_text_file(runs, inputs):
     assert not [p for p in (root / "cache").rglob(".*")]   # no temp files left in the cache
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2(runs, case, inputs, tiny_gguf, capsys, monkeypatch):
-    root, env = inputs
-    if case in SUBPROCESS:
-        rc, stdout, stderr = runs[case]
-    else:  # same code path without the interpreter start; an escaping exception fails the test
-        rc, stdout, stderr = _in_process(case, root, tiny_gguf, env, capsys, monkeypatch)
+def _check_one_line(case, rc, stdout, stderr, root):
     lines = stderr.strip().splitlines()
     assert rc == 2, (case, rc, stderr[-2000:])
     assert "Traceback" not in stderr
@@ -159,6 +154,22 @@ def test_bad_input_is_one_line_exit_2(runs, case, inputs, tiny_gguf, capsys, mon
     assert stdout == ""
     entries = sorted(p.name for p in (root / "cache" / "models").iterdir())
     assert len(entries) == 1                        # only the tiny model's entry, nothing partial
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD) - SUBPROCESS))
+def test_bad_input_is_one_line_exit_2(case, inputs, tiny_gguf, capsys, monkeypatch):
+    """The same code path as a fresh process without the interpreter start; an escaping
+    exception fails the test."""
+    root, env = inputs
+    rc, stdout, stderr = _in_process(case, root, tiny_gguf, env, capsys, monkeypatch)
+    _check_one_line(case, rc, stdout, stderr, root)
+
+
+@pytest.mark.slow   # fresh interpreters: start-up dominates
+@pytest.mark.parametrize("case", sorted(SUBPROCESS))
+def test_bad_input_in_a_fresh_process_is_one_line_exit_2(runs, case, inputs):
+    root, _ = inputs
+    _check_one_line(case, *runs[case], root)
 
 
 def test_models_lists_builtins(capsys):

@@ -72,18 +72,19 @@ def engine(tiny_gguf):
 
 @pytest.fixture(scope="module")
 def reference(tiny_gguf):
-    """`moyu generate --json` for PROMPT: plain and as a chat turn."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = {key: subprocess.Popen([sys.executable, "-m", "moyu.cli", "generate", "--model", str(tiny_gguf),
-                                    "--ctx", str(CTX), "--prompt", PROMPT, "--max-tokens", str(NEW), "--json",
-                                    *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=env, cwd=ROOT)
-             for key, extra in (("completion", []), ("chat", ["--chat"]))}   # in parallel: start-up dominates
+    """`moyu generate --json` for PROMPT: plain and as a chat turn (the command in this
+    process; `test_serve_command` and test_chat's tests run it as a separate process)."""
+    import contextlib
+    import io
+
+    from moyu import cli
     out = {}
-    for key, p in procs.items():
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr
-        out[key] = json.loads(stdout.strip().splitlines()[-1])
+    for key, extra in (("completion", []), ("chat", ["--chat"])):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main(["generate", "--model", str(tiny_gguf), "--ctx", str(CTX), "--prompt", PROMPT,
+                             "--max-tokens", str(NEW), "--json", "--threads", "1", *extra]) == 0
+        out[key] = json.loads(buf.getvalue().strip().splitlines()[-1])
     return out
 
 
@@ -308,6 +309,7 @@ def test_api_key(engine, reference):
         assert c.choices[0].text == reference["completion"]["text"]
 
 
+@pytest.mark.slow   # a separate server process: interpreter and model start-up dominate
 def test_serve_command(tiny_gguf, reference):
     """The real `moyu serve` process: starts, answers as `moyu generate` does, stops on SIGINT."""
     from moyu.cli import main
