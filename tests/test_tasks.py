@@ -85,8 +85,29 @@ def test_context_runs_dense_answer_sparse(tiny_lm, one_thread):
         with torch.inference_mode():
             dense = torch.log_softmax(model(ids).logits[0, -len(cont):], -1)
         assert abs(ll - float(dense.gather(1, torch.tensor(cont)[:, None]).sum())) > 1e-4
-    # the counters saw the scored positions only (one row each, shared prefixes run once)
-    assert counted == sparse_positions * sp.layers[0].d_ff
+    # the counters saw the answer tails only (shared prefixes run once, dense, uncounted):
+    # the scored positions plus the right padding of the batched tails of a context
+    padded = 0
+    for _, group in T._prefix_groups([(None, *lm._encode_pair(*r.args)) for r in reqs], lm.max_length):
+        tails = set(t for t, _ in group)
+        padded += len(tails) * max(len(t) for t in tails)
+    assert padded > sparse_positions
+    assert counted == padded * sp.layers[0].d_ff
+
+
+@pytest.mark.parametrize("method", ["griffin", "cats", "teal"])
+def test_batched_choices_equal_one_at_a_time(tiny_lm, one_thread, method):
+    """The choices of a context batched (right-padded) score what they score one by one."""
+    model, tok = tiny_lm
+    prof = calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W)
+    sp = sparsify(model, prof)
+    got = {}
+    for batch in (True, False):
+        lm = T.harness_model(model, tok, sp, progress=False, batch_choices=batch)
+        with sp:
+            got[batch] = lm.loglikelihood(_requests())
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
 
 
 def test_task_file_end_to_end_dense_sparsity_zero_and_method(tiny_lm, task_file, one_thread):
