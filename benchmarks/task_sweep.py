@@ -9,7 +9,8 @@ defaults of ``moyu tasks``: 8,192 tokens of the built-in calibration split, wind
 difference is paired item by item. After every cell the finished cells are saved to
 ``OUT/cells.json`` and the report is rewritten (``OUT/task_sweep.json``, ``.md``,
 ``.png``), each through a temp file; a rerun with the same model, tasks and limit skips
-the cells already there.
+the cells already there. Several workers may share OUT (say one per ``--sparsities``
+value): the files are written under a lock, merging what the others saved.
 
 The main score of a task is ``acc_norm`` where lm-eval defines it, else ``acc``; the
 average is the unweighted mean over tasks. The standard error of a cell's average change
@@ -19,6 +20,8 @@ paired standard errors) / number of tasks (tasks are independent item sets).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -159,13 +162,40 @@ def plot(rep: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Exclusive access to OUT's files: several workers (e.g. one per sparsity) may share OUT."""
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def merge_saved(state: dict, out: Path) -> None:
+    """Add the cells other runs saved in ``OUT/cells.json`` (refused if the grid differs)."""
+    from moyu import MoyuError
+    saved = out / "cells.json"
+    if not saved.is_file():
+        return
+    old = json.loads(saved.read_text())
+    if any(old.get(k) != state[k] for k in ("model", "tasks", "limit", "calib_tokens")):
+        raise MoyuError(f"{saved} holds another grid (model, tasks, limit or calibration differ): "
+                        "pass another --out or delete it")
+    for key, cell in old["cells"].items():
+        state["cells"].setdefault(key, cell)
+
+
 def write_all(state: dict, out: Path) -> None:
-    """Save the finished cells and rewrite the report files, each atomically."""
-    _atomic(out / "cells.json", json.dumps(state).encode())
-    rep = report(state)
-    _atomic(out / "task_sweep.json", (json.dumps(rep, indent=1) + "\n").encode())
-    _atomic(out / "task_sweep.md", to_markdown(rep).encode())
-    plot(rep, out / "task_sweep.png")
+    """Merge with the saved cells, save them and rewrite the report files, each atomically."""
+    with _locked(out):
+        merge_saved(state, out)
+        _atomic(out / "cells.json", json.dumps(state).encode())
+        rep = report(state)
+        _atomic(out / "task_sweep.json", (json.dumps(rep, indent=1) + "\n").encode())
+        _atomic(out / "task_sweep.md", to_markdown(rep).encode())
+        plot(rep, out / "task_sweep.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from moyu import MoyuError, load
+    from moyu import load
     from moyu import tasks as T
     from moyu.evaluate import Windows
     from moyu.methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
@@ -199,13 +229,8 @@ def main(argv: list[str] | None = None) -> int:
               "calib_tokens": args.calib_tokens,
               "command": "python benchmarks/task_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     state = {**config, "cells": {}}
-    saved = out / "cells.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text())
-        if any(old.get(k) != config[k] for k in ("model", "tasks", "limit", "calib_tokens")):
-            raise MoyuError(f"{saved} holds another grid (model, tasks, limit or calibration differ): "
-                            "pass another --out or delete it")
-        state["cells"] = old["cells"]
+    with _locked(out):
+        merge_saved(state, out)
     model, tok = load(args.model, verbose=False)
     configs = [c for n in names for c in T.task_configs(n)]
     T._offline()
@@ -217,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in sparsities:          # every method at one sparsity before the next sparsity
         for m in methods:
             key = f"{m}@{s}"
+            with _locked(out):
+                merge_saved(state, out)   # another worker may have finished it
             if key in state["cells"]:
                 continue
             t0 = time.perf_counter()

@@ -56,11 +56,13 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
     "lambada": ("lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test"),
 }
 DEFAULT_TASKS = tuple(_BUILTIN)
-TASK_NAMES = DEFAULT_TASKS + ("mmlu",)
+GENERATION_TASKS = ("squad", "coqa")   # greedy exact match / F1: moyu.gentasks
+TASK_NAMES = DEFAULT_TASKS + ("mmlu",) + GENERATION_TASKS
 LICENCES = {
     "arc_easy": "CC BY-SA 4.0", "arc_challenge": "CC BY-SA 4.0", "piqa": "AFL 3.0",
     "winogrande": "CC BY 4.0", "hellaswag": "MIT", "boolq": "CC BY-SA 3.0",
     "sciq": "CC BY-NC 3.0", "openbookqa": "Apache 2.0", "lambada": "CC BY 4.0", "mmlu": "MIT",
+    "squad": "CC BY-SA 4.0", "coqa": "CC BY-SA 4.0 / per story source (see CoQA)",
 }
 
 
@@ -387,15 +389,35 @@ def write_results(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 
 def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_file: str | None = None,
-                   limit: int | None = 200, modifier=None, progress: bool = True) -> dict[str, Any]:
+                   limit: int | None = 200, modifier=None, progress: bool = True,
+                   profile=None) -> dict[str, Any]:
     """Accuracy per task, dense and (with ``modifier``, a :class:`Sparsifier`) with the method on.
 
     Returns ``{"tasks": {name: {"n", "dense": {...}, "sparse": {...}, "diff": {...}}},
     "average": {...}, "measured": {...}, "seconds": {...}}``: lm-eval's ``acc`` /
     ``acc_norm`` (and LAMBADA's perplexity) with their standard errors; ``diff`` is sparse
-    minus dense with the standard error of the paired per-item difference.
+    minus dense with the standard error of the paired per-item difference. Generation
+    tasks (``squad``, ``coqa``) add exact match ``em`` and ``f1`` rows
+    (:func:`moyu.gentasks.evaluate_generation`; ``profile``, the modifier's profile, lets
+    them decode on the lean runtime) and ``generation`` (engine, measured sparsity, seconds).
     """
     names = check_request(",".join(tasks) if tasks is not None else None, task_file, limit)
+    gen = [n for n in names if n in GENERATION_TASKS]
+    names = [n for n in names if n not in GENERATION_TASKS]
+    out: dict[str, Any] = {"limit": limit, "tasks": {}}
+    if names or task_file:
+        out = _evaluate_choices(model, tok, names, task_file, limit, modifier, progress)
+    if gen:
+        from .gentasks import evaluate_generation
+        g = evaluate_generation(model, tok, gen, limit, profile, modifier, progress)
+        out["tasks"].update(g.pop("tasks"))
+        out["generation"] = g
+    return out
+
+
+def _evaluate_choices(model: nn.Module, tok, names: list[str], task_file: str | None, limit: int | None,
+                      modifier, progress: bool) -> dict[str, Any]:
+    """The multiple-choice part of :func:`evaluate_tasks` (one lm-eval pass dense, one sparse)."""
     configs = [c for n in names for c in task_configs(n)]
     if task_file:
         fc = file_task_config(task_file)
@@ -475,7 +497,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         se = r.get(f"{m}_stderr")
         return f"{r[m]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
     for name, r in result["tasks"].items():
-        for m in ("acc", "acc_norm", "perplexity"):
+        for m in ("acc", "acc_norm", "perplexity", "em", "f1"):
             if m not in r["dense"]:
                 continue
             line = f"| {name} | {r['n']} | {m} | {fmt(r['dense'], m)} |"
