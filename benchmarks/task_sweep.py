@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--calib-text", metavar="FILE", help="calibrate on this text (default: the built-in split)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--by-method", action="store_true",
+                    help="every sparsity of a method before the next method (default: every "
+                         "method at one sparsity before the next sparsity)")
     args = ap.parse_args(argv)
 
     import torch
@@ -239,25 +242,26 @@ def main(argv: list[str] | None = None) -> int:
         state["cells"]["dense"] = run_pass(model, tok, configs, names, args.limit, None, "dense")
         write_all(state, out)
     ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
-    for s in sparsities:          # every method at one sparsity before the next sparsity
-        for m in methods:
-            key = f"{m}@{s}"
-            with _locked(out):
-                merge_saved(state, out)   # another worker may have finished it
-            if key in state["cells"]:
-                continue
-            t0 = time.perf_counter()
-            prof = calibrate(model, ids, method=m, sparsity=s, windows=Windows(prompt=256, scored=256))
-            calib_s = time.perf_counter() - t0
-            sp = sparsify(model, prof)
-            cell = run_pass(model, tok, configs, names, args.limit, sp, f"{m} {s:.0%}")
-            meas = sp.measured()
-            cell.update(measured=round(meas["sparsity"], 4), weights_skipped=round(meas["weights_skipped"], 4),
-                        calib_seconds=round(calib_s, 1))
-            state["cells"][key] = cell
-            write_all(state, out)
-            print(f"{key}: {100 * compare(state['cells']['dense'], cell)['average']['diff']:+.1f} points "
-                  f"(measured {meas['sparsity']:.3f}, {cell['seconds'] + calib_s:.0f} s)", file=sys.stderr)
+    order = ([(m, s) for m in methods for s in sparsities] if args.by_method else
+             [(m, s) for s in sparsities for m in methods])
+    for m, s in order:
+        key = f"{m}@{s}"
+        with _locked(out):
+            merge_saved(state, out)   # another worker may have finished it
+        if key in state["cells"]:
+            continue
+        t0 = time.perf_counter()
+        prof = calibrate(model, ids, method=m, sparsity=s, windows=Windows(prompt=256, scored=256))
+        calib_s = time.perf_counter() - t0
+        sp = sparsify(model, prof)
+        cell = run_pass(model, tok, configs, names, args.limit, sp, f"{m} {s:.0%}")
+        meas = sp.measured()
+        cell.update(measured=round(meas["sparsity"], 4), weights_skipped=round(meas["weights_skipped"], 4),
+                    calib_seconds=round(calib_s, 1))
+        state["cells"][key] = cell
+        write_all(state, out)
+        print(f"{key}: {100 * compare(state['cells']['dense'], cell)['average']['diff']:+.1f} points "
+              f"(measured {meas['sparsity']:.3f}, {cell['seconds'] + calib_s:.0f} s)", file=sys.stderr)
     write_all(state, out)
     return 0
 
