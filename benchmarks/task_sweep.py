@@ -165,12 +165,12 @@ def plot(rep: dict, path: Path) -> None:
 @contextlib.contextmanager
 def _locked(out: Path):
     """Exclusive access to OUT's files: several workers (e.g. one per sparsity) may share OUT."""
-    with open(out / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(out, os.O_RDONLY)   # a lock on the folder itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def merge_saved(state: dict, out: Path) -> None:
