@@ -79,7 +79,8 @@ def compare(dense: dict, cell: dict) -> dict:
 def report(state: dict) -> dict:
     """The summary of every finished cell (what task_sweep.json holds besides the config)."""
     dense = state["cells"].get("dense")
-    out = {k: state[k] for k in ("model", "tasks", "limit", "threads", "calib_tokens", "command")}
+    out = {k: state[k] for k in ("model", "tasks", "limit", "threads", "calib_tokens")}
+    out["commands"] = state["commands"]
     if dense is None:
         return out
     out["dense"] = {"average": compare(dense, dense)["average"]["dense"], "summary": dense["summary"], "seconds": dense["seconds"]}
@@ -102,7 +103,8 @@ def to_markdown(rep: dict) -> str:
     cells = {(c["method"], c["target"]): c for c in rep["cells"]}
     targets = sorted({t for _, t in cells})
     methods = list(dict.fromkeys(m for m, _ in cells))
-    lines = [f"`{rep['command']}`", "",
+    lines = ["Made by " + ("the workers " if len(rep["commands"]) > 1 else "") +
+             ", ".join(f"`{c}`" for c in rep["commands"]) + ".", "",
              f"Model {rep['model']}, {len(rep['tasks'])} tasks x first {rep['limit']} items, zero-shot. "
              f"Dense average (acc_norm where defined, else acc): {rep['dense']['average']:.3f}.", "",
              "Average accuracy change vs dense in points, ± the paired standard error "
@@ -185,6 +187,9 @@ def merge_saved(state: dict, out: Path) -> None:
                         "pass another --out or delete it")
     for key, cell in old["cells"].items():
         state["cells"].setdefault(key, cell)
+    mine = state["commands"]
+    state["commands"] = list(dict.fromkeys(old.get("commands", [old["command"]] if "command" in old else [])
+                                           + mine))
 
 
 def write_all(state: dict, out: Path) -> None:
@@ -209,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--calib-text", metavar="FILE", help="calibrate on this text (default: the built-in split)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite the report files from OUT/cells.json")
     ap.add_argument("--by-method", action="store_true",
                     help="every sparsity of a method before the next method (default: every "
                          "method at one sparsity before the next sparsity)")
     args = ap.parse_args(argv)
 
     import torch
-    from moyu import load
+    from moyu import MoyuError, load
     from moyu import tasks as T
     from moyu.evaluate import Windows
     from moyu.methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
@@ -230,8 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model": args.model, "tasks": names, "limit": args.limit, "threads": args.threads,
               "calib_tokens": args.calib_tokens,
-              "command": "python benchmarks/task_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "commands": ["python benchmarks/task_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)]}
     state = {**config, "cells": {}}
+    if args.report:            # rewrite the report from the saved cells (their own grid); compute nothing
+        saved = out / "cells.json"
+        if not saved.is_file():
+            raise MoyuError(f"{saved} not found: run the grid first")
+        with _locked(out):
+            state = json.loads(saved.read_text())
+        state.setdefault("commands", [state.pop("command", "?")])
+        write_all(state, out)
+        return 0
     with _locked(out):
         merge_saved(state, out)
     model, tok = load(args.model, verbose=False)

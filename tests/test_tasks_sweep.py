@@ -45,5 +45,11 @@ def test_grid_report_and_resume(tiny_gguf, tmp_path, monkeypatch, one_thread, te
     cells = json.loads((out / "cells.json").read_text())["cells"]
     assert set(cells) == {"dense", "cats@0.5", "griffin@0.5", "griffin@0.7"}
 
+    # --report rewrites the files from the saved cells, naming every run that made them
+    (out / "task_sweep.md").unlink()
+    assert task_sweep.main(["--report", "--out", str(out)]) == 0
+    md = (out / "task_sweep.md").read_text()
+    assert md.startswith("Made by the workers") and "--methods griffin" in md and "| griffin |" in md
+
     with pytest.raises(MoyuError, match="holds another grid"):
         task_sweep.main(args[:9] + ["4"] + args[10:])
