@@ -15,10 +15,10 @@ continuation) the input is ``context + continuation[:-1]``; the context except i
 token runs dense (a sequence method chooses its neurons from it), the last context token
 and the continuation run sparse (:meth:`~moyu.methods.base.Sparsifier.begin` with the
 boundary ``len(context) - 1``). So a one-token answer (BoolQ's yes/no, MMLU's letter) is
-scored by the method too, not by the dense prefill. Requests run at batch 1; the dense
-prefix of a context runs once and its KV cache serves every choice (decode mode: the
-tails continue it with the method on, :meth:`~moyu.methods.base.Sparsifier.resume`), the
-choices' tails batched together with right padding.
+scored by the method too, not by the dense prefill. The dense prefix of a context runs
+once (batch 1) and its KV cache serves every choice (decode mode: the tails continue it
+with the method on, :meth:`~moyu.methods.base.Sparsifier.resume`), the choices' tails
+batched together with right padding. Generation tasks (SQuAD, CoQA): :mod:`moyu.gentasks`.
 """
 from __future__ import annotations
 
