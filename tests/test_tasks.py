@@ -196,3 +196,25 @@ def test_real_task_subset_on_default_model(smollm):
     arc = res["tasks"]["arc_easy"]
     assert arc["n"] == 30 and arc["dense"]["acc_norm"] >= 0.35   # chance is about 0.25
     assert res["tasks"]["boolq"]["n"] == 30 and 0 < res["tasks"]["boolq"]["dense"]["acc"] <= 1
+
+
+@pytest.mark.slow
+def test_batched_choices_equal_one_at_a_time_on_real_items(smollm):
+    """The default model, real ARC-Easy and HellaSwag requests, griffin at 50 %: the batched
+    choices give the log-likelihoods and greedy flags of one tail at a time."""
+    from lm_eval.tasks import TaskManager
+    model, tok = smollm
+    T._offline()
+    reqs = []
+    configs = T.task_configs("arc_easy") + T.task_configs("hellaswag")
+    for task in TaskManager(include_defaults=False).load(configs)["tasks"].values():
+        task.build_all_requests(limit=3, rank=0, world_size=1)
+        reqs += list(task.instances)
+    sp = sparsify(model, calibrate(model, tok, method="griffin", sparsity=0.5, tokens=1024))
+    got = {}
+    for batch in (True, False):
+        with sp:
+            got[batch] = T.harness_model(model, tok, sp, progress=False, batch_choices=batch).loglikelihood(reqs)
+    assert len(reqs) == 24
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-3)
