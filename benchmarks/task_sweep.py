@@ -96,13 +96,19 @@ def report(state: dict) -> dict:
     return out
 
 
+def _ordered(methods) -> list[str]:
+    """Distinct method names, the built-in grid's order first."""
+    seen = list(dict.fromkeys(methods))
+    return sorted(seen, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), seen.index(m)))
+
+
 def to_markdown(rep: dict) -> str:
     """Table: average accuracy change (paired SE) per method and sparsity; per task at 50 %."""
     if "dense" not in rep:
         return "(no finished cells yet)\n"
     cells = {(c["method"], c["target"]): c for c in rep["cells"]}
     targets = sorted({t for _, t in cells})
-    methods = list(dict.fromkeys(m for m, _ in cells))
+    methods = _ordered(m for m, _ in cells)
     lines = ["Made by " + ("the workers " if len(rep["commands"]) > 1 else "") +
              ", ".join(f"`{c}`" for c in rep["commands"]) + ".", "",
              f"Model {rep['model']}, {len(rep['tasks'])} tasks x first {rep['limit']} items, zero-shot. "
@@ -145,7 +151,7 @@ def plot(rep: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     d = rep["dense"]["average"]
-    for m in dict.fromkeys(c["method"] for c in rep["cells"]):
+    for m in _ordered(c["method"] for c in rep["cells"]):
         pts = sorted((c["target"], c["average"]["sparse"], c["average"]["diff_stderr"])
                      for c in rep["cells"] if c["method"] == m)
         ax.errorbar([0.0] + [p[0] for p in pts], [d] + [p[1] for p in pts],
