@@ -10,8 +10,8 @@ Protocol, the same as the multiple-choice tasks': every predicted token comes fr
 position that runs with the method on; every earlier context position runs dense. The
 context except its last token is prefilled dense (a sequence method chooses its neurons
 there), then the last context token and each generated token are decode steps with the
-method on. Decoding is greedy and stops at the first of: a newline (answers are one
-line), one of the request's own stop sequences (``"\\n\\n"``, SQuAD's ``"Title:"``), an
+method on. Decoding is greedy and, after any leading whitespace, stops at the first of:
+a newline (answers are one line), one of the request's own stop sequences (``"\\n\\n"``, SQuAD's ``"Title:"``), an
 end-of-sequence token, or ``MAX_NEW_TOKENS`` new tokens (the requests' ``max_gen_toks``).
 The answer is the generated text up to the stop, stripped.
 
@@ -63,8 +63,10 @@ def load_items(name: str, limit: int | None) -> list[dict[str, Any]]:
 
 
 def answer_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """The answer in generated ``text``: cut at the first newline or stop sequence, stripped;
-    and whether a stop was reached."""
+    """The answer in generated ``text``: leading whitespace (newlines too) skipped, then cut
+    at the first newline or stop sequence, stripped (lm-eval's CoQA reads
+    ``text.strip().split("\n")[0]``); and whether a stop was reached."""
+    text = text.lstrip()
     cuts = [i for i in (text.find(s) for s in ("\n", *stops) if s) if i >= 0]
     return (text[:min(cuts)] if cuts else text).strip(), bool(cuts)
 

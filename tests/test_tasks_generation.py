@@ -40,6 +40,7 @@ def test_answer_cut_at_newline_or_stop():
     assert G.answer_text(" Paris\nQuestion: x", ["\n\n"]) == ("Paris", True)
     assert G.answer_text(" 1858 Title: y", ["Title:", "\n\n"]) == ("1858", True)
     assert G.answer_text(" still going", ["\n\n"]) == ("still going", False)
+    assert G.answer_text("\n\n white\nQ:", ["\n\n"]) == ("white", True)   # leading newlines skipped
 
 
 def test_shipped_requests():
