@@ -211,7 +211,8 @@ def _configure_tasks(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_method_args(p)
     p.add_argument("--tasks", help="comma-separated: arc_easy,arc_challenge,piqa,winogrande,hellaswag,"
-                                   "boolq,sciq,openbookqa,lambada (the default) and mmlu")
+                                   "boolq,sciq,openbookqa,lambada (the default), mmlu, and the "
+                                   "generation tasks squad,coqa (greedy exact match / F1)")
     p.add_argument("--task-file", metavar="FILE",
                    help='your own multiple-choice items, one JSON object per line: '
                         '{"context": str, "choices": [str, ...], "answer": int}')
@@ -236,12 +237,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     model, tok = load_model(args)
     import shlex
     out: dict = {"command": "moyu " + shlex.join(args.argv), "model": args.model}
-    modifier = None
+    modifier = prof = None
     if args.method or args.profile:
         prof = make_profile(args, model, tok)
         modifier = sparsify(model, prof)
         out.update(method=prof.method, target=prof.target.get("sparsity", prof.target.get("cett")))
-    out.update(evaluate_tasks(model, tok, names, args.task_file, args.limit, modifier, progress=not args.json))
+    out.update(evaluate_tasks(model, tok, names, args.task_file, args.limit, modifier, progress=not args.json,
+                              profile=prof))
     if args.out:
         write_results(out, args.out)
     print(json.dumps(out) if args.json else to_markdown(out))

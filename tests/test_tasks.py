@@ -85,8 +85,29 @@ def test_context_runs_dense_answer_sparse(tiny_lm, one_thread):
         with torch.inference_mode():
             dense = torch.log_softmax(model(ids).logits[0, -len(cont):], -1)
         assert abs(ll - float(dense.gather(1, torch.tensor(cont)[:, None]).sum())) > 1e-4
-    # the counters saw the scored positions only (one row each, shared prefixes run once)
-    assert counted == sparse_positions * sp.layers[0].d_ff
+    # the counters saw the answer tails only (shared prefixes run once, dense, uncounted):
+    # the scored positions plus the right padding of the batched tails of a context
+    padded = 0
+    for _, group in T._prefix_groups([(None, *lm._encode_pair(*r.args)) for r in reqs], lm.max_length):
+        tails = set(t for t, _ in group)
+        padded += len(tails) * max(len(t) for t in tails)
+    assert padded > sparse_positions
+    assert counted == padded * sp.layers[0].d_ff
+
+
+@pytest.mark.parametrize("method", ["griffin", "cats", "teal"])
+def test_batched_choices_equal_one_at_a_time(tiny_lm, one_thread, method):
+    """The choices of a context batched (right-padded) score what they score one by one."""
+    model, tok = tiny_lm
+    prof = calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W)
+    sp = sparsify(model, prof)
+    got = {}
+    for batch in (True, False):
+        lm = T.harness_model(model, tok, sp, progress=False, batch_choices=batch)
+        with sp:
+            got[batch] = lm.loglikelihood(_requests())
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
 
 
 def test_task_file_end_to_end_dense_sparsity_zero_and_method(tiny_lm, task_file, one_thread):
@@ -175,3 +196,25 @@ def test_real_task_subset_on_default_model(smollm):
     arc = res["tasks"]["arc_easy"]
     assert arc["n"] == 30 and arc["dense"]["acc_norm"] >= 0.35   # chance is about 0.25
     assert res["tasks"]["boolq"]["n"] == 30 and 0 < res["tasks"]["boolq"]["dense"]["acc"] <= 1
+
+
+@pytest.mark.slow
+def test_batched_choices_equal_one_at_a_time_on_real_items(smollm):
+    """The default model, real ARC-Easy and HellaSwag requests, griffin at 50 %: the batched
+    choices give the log-likelihoods and greedy flags of one tail at a time."""
+    from lm_eval.tasks import TaskManager
+    model, tok = smollm
+    T._offline()
+    reqs = []
+    configs = T.task_configs("arc_easy") + T.task_configs("hellaswag")
+    for task in TaskManager(include_defaults=False).load(configs)["tasks"].values():
+        task.build_all_requests(limit=3, rank=0, world_size=1)
+        reqs += list(task.instances)
+    sp = sparsify(model, calibrate(model, tok, method="griffin", sparsity=0.5, tokens=1024))
+    got = {}
+    for batch in (True, False):
+        with sp:
+            got[batch] = T.harness_model(model, tok, sp, progress=False, batch_choices=batch).loglikelihood(reqs)
+    assert len(reqs) == 24
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-3)
