@@ -104,7 +104,7 @@ def runtime_runner(args, model, profile: str | None, ids):
         return {"tok_s": n / secs, "decode_tok_s": 1.0 / per_tok, "tokens": n, "prefill_s": secs - per_tok * (n - 1)}
 
     def sparsity() -> float | None:   # as `moyu bench` reports it, over the runs so far
-        shares = [getattr(L.mlp, "kept_share", 1.0) for L in lean.spec.layers]
+        shares = [getattr(L.mlp, "kept_share", 1.0) for L in lean.layers]
         return round(1 - sum(shares) / len(shares), 4) if prof else None
     return run, sparsity
 

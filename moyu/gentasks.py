@@ -102,7 +102,7 @@ class LeanDecoder:
 
     def sparsity(self) -> float:
         """Mean share of MLP neurons (weights, for input methods) skipped per decode step so far."""
-        shares = [getattr(L.mlp, "kept_share", 1.0) for L in self.lean.spec.layers]
+        shares = [getattr(L.mlp, "kept_share", 1.0) for L in self.lean.layers]
         return 1 - sum(shares) / len(shares)
 
 
