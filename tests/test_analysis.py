@@ -134,6 +134,7 @@ def test_bad_config_errors():
         analyze(m, None, AnalyzeConfig(**SMALL), eval_ids=_ids(1, 100), calib_ids=_ids(2, 1000))
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_report_files_and_atomic_out(reports, tmp_path):
     out = write_report(list(reports.values()), tmp_path / "rep")
     doc = json.loads((out / "report.json").read_text())

@@ -20,6 +20,7 @@ def _ids(n, seed=0):
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_memory_is_flat_in_token_count(tiny):
     model = tiny("llama")
     streams = ("act", "gate", "inputs")

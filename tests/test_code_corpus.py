@@ -57,6 +57,7 @@ def test_split_rule_is_a_fixed_hash_of_the_module_name():
         assert code_corpus.split_of(name) == ("eval" if odd else "calib")
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_same_text_in_a_fresh_interpreter_with_another_hash_seed():
     here = {s: hashlib.sha256(code_corpus.code_text(s, 200_000).encode()).hexdigest() for s in ("eval", "calib")}
     code = ("import hashlib, json; from moyu import code_corpus as c; print(json.dumps({s: "

@@ -436,6 +436,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert lines[0].endswith("using the PyTorch fallback")
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_env_forces_backend(tmp_path):
     res = _run(_PROBE, MOYU_KERNELS="torch")
     assert res.returncode == 0 and res.stdout.split()[0] == "torch" and not res.stderr.strip()

@@ -21,7 +21,8 @@ from moyu.tiny import tiny_model
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))
                  if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install -y chromium)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install -y chromium)"),
+              pytest.mark.slow]   # a headless browser: seconds per page
 
 SMALL = dict(tokens=128, window=64, cett_tokens=8, cett_grid=8, histories=4, history_len=12,
              probes=1, probe_len=6, predictor_tokens=96, predictor_eval=48, inertia_seqs=2,

@@ -284,6 +284,7 @@ def test_disconnect_mid_stream_frees_the_runtime(url, engine, reference):
     greedy_ok(url, engine.name, reference)
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_timeout(engine, reference):
     # CTX - 40 slowed steps take >= 1.76 s whatever the load; the greedy check's NEW take 0.48 s
     # plus overhead, which on a loaded 2-core machine can pass 0.5 s: 1.5 s separates them.

@@ -110,6 +110,7 @@ def test_batched_choices_equal_one_at_a_time(tiny_lm, one_thread, method):
     assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_task_file_end_to_end_dense_sparsity_zero_and_method(tiny_lm, task_file, one_thread):
     model, tok = tiny_lm
     dense = T.evaluate_tasks(model, tok, [], str(task_file), limit=None, progress=False)

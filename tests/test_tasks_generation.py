@@ -107,6 +107,7 @@ def test_lean_runtime_agrees_with_hf(tiny_lm, one_thread, method):
         assert 0.3 < lean.sparsity() < 0.7
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_cli_generation_tasks(tiny_gguf, tmp_path, capsys, one_thread, temp_cache):
     pytest.importorskip("lm_eval")
     calib = tmp_path / "calib.txt"

@@ -17,6 +17,7 @@ task_sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(task_sweep)
 
 
+@pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
 def test_grid_report_and_resume(tiny_gguf, tmp_path, monkeypatch, one_thread, temp_cache):
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"the heat {i} in the sun then thin" for i in range(200)))
