@@ -27,9 +27,10 @@ W = Windows(prompt=16, scored=16)
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_gguf, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOYU_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield moyu.load(str(tiny_gguf), verbose=False)
+    with pytest.MonkeyPatch.context() as mp:   # an isolated cache for this load only: a module-long
+        mp.setenv("MOYU_CACHE", str(tmp_path_factory.mktemp("cache")))   # one hid the corpus from later tests
+        lm = moyu.load(str(tiny_gguf), verbose=False)
+    yield lm
 
 
 @pytest.fixture

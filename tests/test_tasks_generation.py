@@ -56,9 +56,10 @@ def test_shipped_requests():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_gguf, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:   # an isolated cache for this load only
         mp.setenv("MOYU_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield moyu.load(str(tiny_gguf), verbose=False)
+        lm = moyu.load(str(tiny_gguf), verbose=False)
+    yield lm
 
 
 def _ids(n, seed=1):
