@@ -12,7 +12,6 @@ machine's read bandwidth (a large-tensor sum measured in the same run: the roofl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
@@ -20,6 +19,7 @@ import torch
 
 import moyu
 from moyu import data
+from moyu.atomic import write_json_atomic
 from moyu.bench import cpu_flags, cpu_name, decode_split, memory_bandwidth
 from moyu.fakequant import QuantizedWeights
 from moyu.methods import calibrate, calibration_ids
@@ -78,11 +78,8 @@ def main() -> None:
     print("\ndecode tok/s (prefill excluded): " + ", ".join(f"{k} {v:.1f}" for k, v in tok_s.items()))
     print(f"load avg at end {os.getloadavg()[0]:.1f}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"cpu": cpu_name(), "flags": cpu_flags(), "threads": args.threads,
-                       "read_bw": read_bw, "results": results}, fh, indent=1)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"cpu": cpu_name(), "flags": cpu_flags(), "threads": args.threads,
+                                      "read_bw": read_bw, "results": results}, indent=1)
 
 
 if __name__ == "__main__":

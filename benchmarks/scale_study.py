@@ -44,10 +44,8 @@ STATISTICS: dict[str, Callable[[dict], float]] = {
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from moyu.atomic import write_json_atomic
+    write_json_atomic(path, obj, indent=1)
 
 
 def installed_models(wanted: list[str]) -> list[str]:

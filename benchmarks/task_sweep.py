@@ -26,20 +26,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
 SPARSITIES = (0.3, 0.5, 0.7)
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _main_metric(summary: dict) -> str:
@@ -147,6 +138,8 @@ def plot(rep: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from moyu.atomic import atomic_path
     if not rep.get("cells"):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -162,12 +155,9 @@ def plot(rep: dict, path: Path) -> None:
     ax.set_title(f"{rep['model']}: first {rep['limit']} items per task (bars: paired SE of the change)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -200,12 +190,13 @@ def merge_saved(state: dict, out: Path) -> None:
 
 def write_all(state: dict, out: Path) -> None:
     """Merge with the saved cells, save them and rewrite the report files, each atomically."""
+    from moyu.atomic import write_json_atomic, write_text_atomic
     with _locked(out):
         merge_saved(state, out)
-        _atomic(out / "cells.json", json.dumps(state).encode())
+        write_json_atomic(out / "cells.json", state)
         rep = report(state)
-        _atomic(out / "task_sweep.json", (json.dumps(rep, indent=1) + "\n").encode())
-        _atomic(out / "task_sweep.md", to_markdown(rep).encode())
+        write_text_atomic(out / "task_sweep.json", json.dumps(rep, indent=1) + "\n")
+        write_text_atomic(out / "task_sweep.md", to_markdown(rep))
         plot(rep, out / "task_sweep.png")
 
 

@@ -19,15 +19,14 @@ float32 weights plus ``moyu.json``; other dtypes get a sibling folder inside it
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import MoyuError
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -160,10 +159,8 @@ def write_weights(gguf: Path, config, target: Path, dtype: torch.dtype, progress
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
             parsed = {"tensors": {}}
@@ -182,10 +179,6 @@ def write_weights(gguf: Path, config, target: Path, dtype: torch.dtype, progress
                     del w, x
                 if rows != (shape[0] if shape else 1):
                     raise UnsupportedLayout(f"{name}: {rows} rows, expected {shape}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     count = sum(int(np.prod(s)) for _, _, s in plan)
     del plan, processor, reader
     release_freed_memory()

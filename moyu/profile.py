@@ -8,10 +8,9 @@ profile made for another model in one line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .arch import mlp_layers, architecture_of
+from .atomic import atomic_path
 from .errors import MoyuError
 
 FORMAT_VERSION = 1
@@ -41,13 +41,6 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         "d_ff": int(layers[0].d_ff),
         "weights_sha256": h.hexdigest()[:16],
     }
-
-
-def _umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @dataclass
@@ -89,20 +82,13 @@ class Profile:
         meta = {"format": FORMAT_VERSION, "method": self.method, "target": self.target,
                 "params": self.params, "model": self.model, "calib": self.calib,
                 "config_version": self.config_version}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            os.close(fd)
-        except OSError as e:
-            raise MoyuError(f"cannot write profile to {path}: {e.strerror}; choose a writable path") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                tmp = stack.enter_context(atomic_path(path))
+            except OSError as e:
+                raise MoyuError(f"cannot write profile to {path}: {e.strerror}; choose a writable path") from None
             tensors = {k: v.contiguous() for k, v in self.tensors.items()}
-            save_file(tensors, tmp, metadata={"moyu": json.dumps(meta)})
-            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would survive the rename
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            save_file(tensors, str(tmp), metadata={"moyu": json.dumps(meta)})
         return path
 
     @classmethod

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import write_bytes_atomic
 from .errors import MoyuError
 from .evaluate import DenseReference, Windows, evaluate
 
@@ -247,11 +247,4 @@ def write_sweep(rows: list[dict[str, Any]], out: str | Path, title: str, meta: d
         "sweep.json": json.dumps({**meta, "rows": rows, "at_target": at_targets(rows)}, indent=2).encode(),
         "sweep.png": plot(rows, title),
     }
-    written = []
-    for name, blob in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, out / name)
-        written.append(out / name)
-    return written
+    return [write_bytes_atomic(out / name, blob) for name, blob in files.items()]

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
+from .atomic import write_text_atomic
 from .errors import MoyuError
 
 if TYPE_CHECKING:
@@ -371,21 +372,13 @@ def check_request(tasks: str | None, task_file: str | None, limit: int | None) -
 
 def write_results(result: dict[str, Any], out: str | Path) -> list[Path]:
     """Write ``tasks.json`` and ``tasks.md`` into ``out`` (each through a temp file)."""
-    import tempfile
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     md = to_markdown(result) + "\n"
     if result.get("command"):
         md = f"`{result['command']}`\n\n" + md
-    written = []
-    for name, text in (("tasks.json", json.dumps(result, indent=1) + "\n"), ("tasks.md", md)):
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, d / name)
-        written.append(d / name)
-    return written
+    return [write_text_atomic(d / name, text)
+            for name, text in (("tasks.json", json.dumps(result, indent=1) + "\n"), ("tasks.md", md))]
 
 
 def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | None = None, task_file: str | None = None,
