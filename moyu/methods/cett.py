@@ -6,7 +6,7 @@ shared CETT level is found so the average sparsity is S (error-equalised allocat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +15,7 @@ from . import calib as C
 from .calib import quantile
 from .cats import GateThresholdRule, gate_rule
 from .method import Method, register
-from .options import CalibOptions
+from .options import CalibOptions, per_window_field
 
 
 def cett_of_mask(a: torch.Tensor, keep: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def tau_for_cett(ml: MLPLayer, a: torch.Tensor, score: torch.Tensor, target: flo
 
 @dataclass(frozen=True)
 class CettOptions(CalibOptions):
-    per_window: int = field(default=32, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(32)
 
 
 class Cett(Method):

@@ -25,7 +25,7 @@ from ..predictor import fit_lowrank, topk_mask
 from .base import LayerInputs, NeuronRule, down_norms
 from .calib import quantile
 from .method import Method, keep_count, register
-from .options import CalibOptions
+from .options import CalibOptions, per_window_field
 
 
 def _mlp_bytes(d: int, d_ff: int, gated: bool) -> int:
@@ -104,7 +104,7 @@ def fit_classifier(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int
 
 @dataclass(frozen=True)
 class DejavuOptions(CalibOptions):
-    per_window: int = field(default=128, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(128)
     rank: int = field(default=128, metadata={"min": 1, "help": "predictor hidden width r"})
     epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs over the calibration samples"})
     lr: float = field(default=1e-3, metadata={"min": 0.0, "help": "AdamW learning rate"})
@@ -141,7 +141,7 @@ class DejaVu(Method):
 
 @dataclass(frozen=True)
 class DejavuLinearOptions(CalibOptions):
-    per_window: int = field(default=128, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(128)
     rank: int = field(default=128, metadata={"min": 1, "help": "rank r of the linear predictor"})
 
 

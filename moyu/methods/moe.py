@@ -10,7 +10,7 @@ import torch
 from .base import LayerInputs, NeuronRule, down_norms
 from ..predictor import ridge
 from .method import Method, register
-from .options import CalibOptions
+from .options import CalibOptions, per_window_field
 
 
 def balanced_kmeans(feats: torch.Tensor, n_clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
@@ -61,7 +61,7 @@ class RouterRule(NeuronRule):
 
 @dataclass(frozen=True)
 class MoeOptions(CalibOptions):
-    per_window: int = field(default=128, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(128)
     experts: int = field(default=32, metadata={"min": 1, "help": "experts per layer (equal-size neuron clusters)"})
 
 

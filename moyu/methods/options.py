@@ -1,7 +1,8 @@
 """Typed method options: one frozen dataclass per method, validated in one place.
 
 Every method's options derive from :class:`CalibOptions` (the calibration sampling all
-methods share) and add their own fields. A field's type is its contract: ``int``,
+methods share) and add their own fields; a method wanting another ``per_window`` default
+redeclares it with :func:`per_window_field`. A field's type is its contract: ``int``,
 ``float``, ``bool``, ``str`` or a ``Literal[...]`` of allowed values; ``metadata`` may
 carry ``min`` (inclusive lower bound) and ``help`` (one line for ``moyu methods``).
 The CLI's ``--option KEY=VALUE`` and the library's keyword arguments both go through
@@ -17,11 +18,16 @@ from typing import Any, Literal
 from ..errors import MoyuError
 
 
+def per_window_field(default: int) -> Any:
+    """The ``per_window`` option with a method's own default (the same bound and help everywhere)."""
+    return field(default=default, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+
+
 @dataclass(frozen=True)
 class CalibOptions:
     """Calibration sampling shared by every method."""
 
-    per_window: int = field(default=64, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(64)
     calib_windows: int = field(default=16, metadata={"min": 2, "help": "calibration windows read"})
 
 

@@ -17,7 +17,7 @@ Plain (non-gated) MLPs use the same idea on ``act(fc1 . x)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,7 @@ from ..arch import MLPLayer
 from . import calib as C
 from .base import LayerInputs, NeuronRule, act_kind, down_norms
 from .method import Method, register
-from .options import CalibOptions
+from .options import CalibOptions, per_window_field
 
 
 def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +116,7 @@ class SketchRule(NeuronRule):
 
 @dataclass(frozen=True)
 class SketchOptions(CalibOptions):
-    per_window: int = field(default=32, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(32)
 
 
 class SketchMethod(Method):

@@ -32,7 +32,7 @@ from . import calib as C
 from .base import InputRule, projection_weight, projections
 from .method import Method, register
 from .rotation import rotations
-from .options import CalibOptions
+from .options import CalibOptions, per_window_field
 
 # calibration stream holding each projection's input
 ROLE_STREAM = {"q": "xa", "k": "xa", "v": "xa", "qkv": "xa", "o": "xo",
@@ -153,7 +153,7 @@ def greedy_levels(replay: BlockReplay, scores: dict[str, SortedScores], sizes: d
 
 @dataclass(frozen=True)
 class TealOptions(CalibOptions):
-    per_window: int = field(default=16, metadata={"min": 1, "help": "scored positions sampled per calibration window"})
+    per_window: int = per_window_field(16)
     allocation: Literal["greedy", "uniform"] = field(default="greedy", metadata={
         "help": "greedy (TEAL: by block output error) or uniform (every projection at the target)"})
     step: float = field(default=0.25, metadata={
