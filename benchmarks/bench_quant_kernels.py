@@ -8,8 +8,9 @@ over every row, down q_axpy) and the sketch rule. Like bench_kernels.py, each ti
 cycles through ``--layers`` independent weight copies so weights come from DRAM, and
 reports the best of interleaved rounds of median per-call times. GB/s counts the weight
 bytes a call must read (kept rows only; every gate/up row for the sketch). The last rows
-run the same int8/int4 MLP on each C++ code path this CPU has and with software
-prefetching (``--prefetch``), interleaved with the rest.
+run the same int8/int4 MLP on each C++ code path this CPU has, without the software
+prefetching of the axpy passes (the default), and with dot loops prefetching
+``--prefetch`` rows ahead, interleaved with the rest.
 
     python benchmarks/bench_quant_kernels.py [--d 576 --d-ff 1536 --threads 2]
 """
@@ -73,7 +74,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=60, help="timed calls per round")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (best is kept)")
     ap.add_argument("--prefetch", type=int, default=8,
-                    help="also time the MLP with software prefetch this many rows ahead (0: skip)")
+                    help="also time the MLP with dot loops prefetching this many rows ahead (0: skip)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -130,13 +131,16 @@ def main() -> None:
                     ext.set_isa(ext.best_isa())
                     return y
                 add(fmt, f"mlp [{isa} path]", "100%", run, d_ff * neuron[fmt])
-        for fmt in ("int8", "int4") if args.prefetch > 0 else ():
-            def ahead(i: int, f: str = fmt) -> object:
-                ext.set_prefetch(args.prefetch)
-                y = q_mlp(L[i].x, L[i].q[f], None, out)
-                ext.set_prefetch(0)
-                return y
-            add(fmt, f"mlp [prefetch {args.prefetch} rows]", "100%", ahead, d_ff * neuron[fmt])
+        for fmt in ("int8", "int4"):   # the axpy passes' own prefetching off, then more of it
+            for setting in (-1, args.prefetch) if args.prefetch > 0 else (-1,):
+                for kept, idx in (("100%", None), ("50%", idx50)):
+                    def other(i: int, f: str = fmt, s: int = setting, ix=idx) -> object:
+                        ext.set_prefetch(s)
+                        y = q_mlp(L[i].x, L[i].q[f], None if ix is None else ix[i], out)
+                        ext.set_prefetch(0)
+                        return y
+                    label = "no sw prefetch" if setting < 0 else f"prefetch {setting} rows"
+                    add(fmt, f"mlp [{label}]", kept, other, (d_ff if idx is None else k50) * neuron[fmt])
     times = measure(methods, n, args.calls, args.rounds)
     base = times[("fp32", "mlp", "100%")]
     print(f"\n{'format':<6} {'kernel':<28} {'kept':>5} {'median us':>10} {'vs fp32 mlp':>11} {'GB/s':>6} "

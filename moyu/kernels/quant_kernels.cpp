@@ -64,6 +64,29 @@ struct QM {
   const uint8_t* codes(int64_t r) const { return qs + r * row_bytes(); }
 };
 
+// The rows the next axpy pass will read: prefetched a line at a time during this pass.
+struct Ahead {
+  const int64_t* ids = nullptr;
+  int n = 0;
+};
+
+// Prefetches what block b of the next pass's rows needs: their code line holding block b's
+// first byte (once per 64 bytes of codes) and, at b % 16 == 0, the next 16 fp16 scales and
+// mins. Spread over a pass like this, the reads of the next rows overlap the arithmetic on
+// these: with G rows read 32 bytes at a time the hardware prefetcher alone does not keep
+// enough lines in flight (measured 1.5-2x on int8 down rows coming from DRAM).
+template <bool Q4>
+__attribute__((always_inline)) inline void prefetch_block(const QM& w, const Ahead& next, int64_t b) {
+  constexpr int64_t bpb = Q4 ? kBlk / 2 : kBlk;  // code bytes per block
+  if ((b * bpb) % 64 < bpb)
+    for (int g = 0; g < next.n; ++g) __builtin_prefetch(w.codes(next.ids[g]) + b * bpb);
+  if (b % 16 == 0)
+    for (int g = 0; g < next.n; ++g) {
+      __builtin_prefetch(w.d + next.ids[g] * w.nb + b);
+      if (Q4) __builtin_prefetch(w.m + next.ids[g] * w.nb + b);
+    }
+}
+
 // One activation row quantized to int8 per 32-block.
 struct XQ {
   const int8_t* q;      // [nb * 32], zero padded
@@ -123,7 +146,7 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
 
 // y[0 .. nb*32) += sum_g a[g] * dequant(row rows[g]) for n <= kGroup rows.
 // (No std::fma: the baseline build has no FMA instruction and would call libm per element.)
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead) {
   for (int g = 0; g < n; ++g) {
     const int8_t* q = reinterpret_cast<const int8_t*>(w.codes(rows[g]));
     const uint16_t* d = w.d + rows[g] * w.nb;
@@ -134,7 +157,7 @@ void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) 
   }
 }
 
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead) {
   for (int g = 0; g < n; ++g) {
     const uint8_t* q = w.codes(rows[g]);
     const uint16_t* d = w.d + rows[g] * w.nb;
@@ -237,7 +260,7 @@ inline void scaled8(const uint16_t* p, int64_t n, float a, float* out) {
 // then each block broadcasts them from L1: fewer instructions per weight than
 // converting one fp16 per block and row.
 template <int G, bool Q4>
-void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
+void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y, Ahead next) {
   const uint8_t* q[G];
   const uint16_t* d[G];
   const uint16_t* m[G];
@@ -264,6 +287,7 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
     for (int64_t bb = 0; bb < nbk; ++bb) {
       const int64_t b = b0 + bb;
       float* yp = y + b * kBlk;
+      prefetch_block<Q4>(w, next, b);
       __m256 y0 = _mm256_loadu_ps(yp), y1 = _mm256_loadu_ps(yp + 8);
       __m256 y2 = _mm256_loadu_ps(yp + 16), y3 = _mm256_loadu_ps(yp + 24);
       if (Q4) {
@@ -302,21 +326,21 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
 }
 
 template <bool Q4>
-void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) {
   switch (n) {
-    case 1: axpy_g<1, Q4>(w, rows, a, y); break;
-    case 2: axpy_g<2, Q4>(w, rows, a, y); break;
-    case 3: axpy_g<3, Q4>(w, rows, a, y); break;
-    case 4: axpy_g<4, Q4>(w, rows, a, y); break;
-    case 5: axpy_g<5, Q4>(w, rows, a, y); break;
-    case 6: axpy_g<6, Q4>(w, rows, a, y); break;
-    case 7: axpy_g<7, Q4>(w, rows, a, y); break;
-    default: axpy_g<8, Q4>(w, rows, a, y); break;
+    case 1: axpy_g<1, Q4>(w, rows, a, y, next); break;
+    case 2: axpy_g<2, Q4>(w, rows, a, y, next); break;
+    case 3: axpy_g<3, Q4>(w, rows, a, y, next); break;
+    case 4: axpy_g<4, Q4>(w, rows, a, y, next); break;
+    case 5: axpy_g<5, Q4>(w, rows, a, y, next); break;
+    case 6: axpy_g<6, Q4>(w, rows, a, y, next); break;
+    case 7: axpy_g<7, Q4>(w, rows, a, y, next); break;
+    default: axpy_g<8, Q4>(w, rows, a, y, next); break;
   }
 }
 
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<false>(w, n, rows, a, y); }
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<true>(w, n, rows, a, y); }
+void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<false>(w, n, rows, a, y, next); }
+void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<true>(w, n, rows, a, y, next); }
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -412,7 +436,7 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
 // Block scales (a * d) of G rows, 16 blocks at a time (masked load of the fp16 values),
 // broadcast per block from L1; int4 mins enter as one per-block constant per group.
 template <int G, bool Q4>
-void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
+void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y, Ahead next) {
   const uint8_t* q[G];
   const uint16_t* d[G];
   const uint16_t* m[G];
@@ -437,6 +461,7 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
     for (int64_t bb = 0; bb < nbk; ++bb) {
       const int64_t b = b0 + bb;
       float* yp = y + b * kBlk;
+      prefetch_block<Q4>(w, next, b);
       __m512 y0 = _mm512_loadu_ps(yp), y1 = _mm512_loadu_ps(yp + 16);
       if (Q4) {
         const __m512 o = _mm512_set1_ps(mm[bb]);
@@ -463,21 +488,21 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y) {
 }
 
 template <bool Q4>
-void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y) {
+void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) {
   switch (n) {
-    case 1: axpy_g<1, Q4>(w, rows, a, y); break;
-    case 2: axpy_g<2, Q4>(w, rows, a, y); break;
-    case 3: axpy_g<3, Q4>(w, rows, a, y); break;
-    case 4: axpy_g<4, Q4>(w, rows, a, y); break;
-    case 5: axpy_g<5, Q4>(w, rows, a, y); break;
-    case 6: axpy_g<6, Q4>(w, rows, a, y); break;
-    case 7: axpy_g<7, Q4>(w, rows, a, y); break;
-    default: axpy_g<8, Q4>(w, rows, a, y); break;
+    case 1: axpy_g<1, Q4>(w, rows, a, y, next); break;
+    case 2: axpy_g<2, Q4>(w, rows, a, y, next); break;
+    case 3: axpy_g<3, Q4>(w, rows, a, y, next); break;
+    case 4: axpy_g<4, Q4>(w, rows, a, y, next); break;
+    case 5: axpy_g<5, Q4>(w, rows, a, y, next); break;
+    case 6: axpy_g<6, Q4>(w, rows, a, y, next); break;
+    case 7: axpy_g<7, Q4>(w, rows, a, y, next); break;
+    default: axpy_g<8, Q4>(w, rows, a, y, next); break;
   }
 }
 
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<false>(w, n, rows, a, y); }
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) { axpy_n<true>(w, n, rows, a, y); }
+void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<false>(w, n, rows, a, y, next); }
+void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<true>(w, n, rows, a, y, next); }
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -486,7 +511,7 @@ void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y) 
 // ------------------------------------------------------------------ dispatch
 
 using DotFn = float (*)(const QM&, int64_t, const XQ&);
-using AxpyFn = void (*)(const QM&, int, const int64_t*, const float*, float*);
+using AxpyFn = void (*)(const QM&, int, const int64_t*, const float*, float*, Ahead);
 struct Kern {
   DotFn dot;
   AxpyFn axpy;
@@ -525,12 +550,18 @@ Kern kernels(int64_t fmt) {
 
 // ------------------------------------------------------------------ scratch, lists, activations
 
-// Rows read ahead with software prefetches (0: none, the default: on the shared build
-// machine no distance measured faster than the hardware prefetcher alone, see
-// benchmarks/bench_quant_kernels.py --prefetch). Set by set_prefetch().
+// Software prefetching, set by set_prefetch(rows): rows < 0 none (the hardware prefetcher
+// alone); 0, the default: each axpy pass prefetches the next pass's rows (prefetch_block);
+// rows > 0 also prefetches that many listed rows ahead in the dot-product loops (no gain
+// measured there: their rows are long enough for the hardware prefetcher). See
+// benchmarks/bench_quant_kernels.py --prefetch.
 int64_t g_ahead = 0;
+bool g_prefetch = true;
 
-void set_prefetch(int64_t rows) { g_ahead = std::max<int64_t>(0, rows); }
+void set_prefetch(int64_t rows) {
+  g_ahead = std::max<int64_t>(0, rows);
+  g_prefetch = rows >= 0;
+}
 
 // Prefetches one row's codes, scales and mins into the cache.
 inline void prefetch_row(const QM& w, int64_t r) {
@@ -662,8 +693,8 @@ int64_t run_chunked(int64_t k, int64_t width, int64_t cols, const float* bias, f
 inline void axpy_list(const Kern& k, const QM& w, const int64_t* ids, const float* coef, int64_t n, float* acc) {
   for (int64_t p = 0; p < n; p += kGroup) {
     const int m = static_cast<int>(std::min<int64_t>(kGroup, n - p));
-    for (int64_t f = p + g_ahead; f < std::min(n, p + g_ahead + m); ++f) prefetch_row(w, ids[f]);
-    k.axpy(w, m, ids + p, coef + p, acc);
+    const Ahead next{ids + p + m, g_prefetch ? static_cast<int>(std::min<int64_t>(kGroup, n - p - m)) : 0};
+    k.axpy(w, m, ids + p, coef + p, acc, next);
   }
 }
 
@@ -927,5 +958,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &moyuq::best_isa, "widest code path this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
   m.def("get_isa", &moyuq::get_isa, "code path in use");
   m.def("set_isa", &moyuq::set_isa, "force a code path no wider than best_isa()");
-  m.def("set_prefetch", &moyuq::set_prefetch, "rows read ahead with software prefetches (0: none)");
+  m.def("set_prefetch", &moyuq::set_prefetch, "software prefetch: -1 none, 0 axpy passes only (default), n > 0 also n rows ahead in dot loops");
 }
