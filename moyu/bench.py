@@ -247,9 +247,12 @@ def decode_split(lean, ids: torch.Tensor, new: int) -> dict[str, dict[str, float
     lm_head), ``rest`` (embedding, norms, residuals, the Python loop). Per part: ``ms`` per
     token, weight ``bytes`` read per token (from the steps' own meters) and the achieved
     ``gb_s``. The timers wrap the calls (tens of nanoseconds each); prefill is excluded.
+    It times the per-op loop: the fused one (:mod:`moyu.runtime.fused`) has no seams to
+    time (``benchmarks/fused_decode.py`` compares the two).
     """
     from .runtime import lean as lean_mod
 
+    fused, lean.fused = lean.fused, False
     acc = {k: 0.0 for k in ("mlp", "attn_linears", "attn_core", "head")}
     saved_layers = []
     for L in lean.layers:
@@ -271,6 +274,7 @@ def decode_split(lean, ids: torch.Tensor, new: int) -> dict[str, dict[str, float
             token = int(lean.decode_step(token).argmax())
         total = time.perf_counter() - t0
     finally:
+        lean.fused = fused
         lean.flat.lm_head, lean_mod.attn_decode = head, core
         for L, qkv, o, dec in saved_layers:
             L.qkv, L.o = qkv, o

@@ -126,9 +126,13 @@ def extension_name() -> str:
 
 
 def _digest(source: Path) -> str:
-    """Hash of a source file's bytes and of its path: torch's build files name the source by
-    path, so two checkouts sharing one build directory would rebuild over each other."""
-    return hashlib.sha256(str(source.resolve()).encode() + source.read_bytes()).hexdigest()[:10]
+    """Hash of a source file's bytes, of its path and of the kernels' headers: torch's build
+    files name the source by path, so two checkouts sharing one build directory would
+    rebuild over each other."""
+    h = hashlib.sha256(str(source.resolve()).encode() + source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):   # the headers both sources include
+        h.update(header.name.encode() + header.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def quant_extension_name() -> str:

@@ -43,7 +43,11 @@
 #define MOYUQ_X86 0
 #endif
 
+#include "attn_args.h"
+
 namespace moyuq {
+
+using moyu_core::AttnArgs;
 
 constexpr int64_t kBlk = 32;
 constexpr int kGroup = 8;             // rows summed per pass over the output in axpy
@@ -74,12 +78,14 @@ struct Ahead {
 // first byte (once per 64 bytes of codes) and, at b % 16 == 0, the next 16 fp16 scales and
 // mins. Spread over a pass like this, the reads of the next rows overlap the arithmetic on
 // these: with G rows read 32 bytes at a time the hardware prefetcher alone does not keep
-// enough lines in flight (measured 1.5-2x on int8 down rows coming from DRAM).
+// enough lines in flight. Codes go to L2 (locality hint 2): into L1 they were ~1.5x slower,
+// likely because the few L1 miss buffers fill up (int8 down rows from DRAM, 2 threads:
+// 73 us without prefetching, 52 us into L1, 35 us into L2; benchmarks/bench_quant_kernels.py).
 template <bool Q4>
 __attribute__((always_inline)) inline void prefetch_block(const QM& w, const Ahead& next, int64_t b) {
   constexpr int64_t bpb = Q4 ? kBlk / 2 : kBlk;  // code bytes per block
   if ((b * bpb) % 64 < bpb)
-    for (int g = 0; g < next.n; ++g) __builtin_prefetch(w.codes(next.ids[g]) + b * bpb);
+    for (int g = 0; g < next.n; ++g) __builtin_prefetch(w.codes(next.ids[g]) + b * bpb, 0, 2);
   if (b % 16 == 0)
     for (int g = 0; g < next.n; ++g) {
       __builtin_prefetch(w.d + next.ids[g] * w.nb + b);
@@ -110,9 +116,11 @@ inline float activate(float v, int64_t act) {
   }
 }
 
+
 // ------------------------------------------------------------------ scalar path
 
 namespace scalar {
+#include "decode_core.h"
 
 float dot_i8(const QM& w, int64_t r, const XQ& x) {
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes(r));
@@ -182,6 +190,7 @@ void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#include "decode_core.h"
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -771,6 +780,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_in, int64_t 
   return {q, dx};
 }
 
+// y[q * list.k + j] = W[list.ids[j]] . x_q (+ bias[list.ids[j]]) for the n quantized rows x_q.
+void matvec_rows(const QM& w, const Kern& k, const List& list, const std::vector<XQ>& xq, int64_t n,
+                 const float* bp, float* y) {
+  const int64_t grain = std::max<int64_t>(kMinPerChunk, (list.k + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, list.k, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      if (g_ahead && j + g_ahead < hi) prefetch_row(w, list.ids[j + g_ahead]);
+      const int64_t r = list.ids[j];
+      const float b = bp ? bp[r] : 0.0f;
+      for (int64_t q = 0; q < n; ++q) y[q * list.k + j] = k.dot(w, r, xq[q]) + b;
+    }
+  });
+}
+
 // y[., j] = W[rows[j]] . x (+ bias[rows[j]]).
 at::Tensor q_matvec(const at::Tensor& x_in, int64_t fmt, int64_t cols, const at::Tensor& qs, const at::Tensor& d,
                     const c10::optional<at::Tensor>& m, const c10::optional<at::Tensor>& rows,
@@ -782,17 +805,7 @@ at::Tensor q_matvec(const at::Tensor& x_in, int64_t fmt, int64_t cols, const at:
   const float* bp = f32_ptr(bias, w.rows, "bias");
   const int64_t n = nrows(x);
   std::vector<XQ>& xq = quantize_rows(x.data_ptr<float>(), n, cols, w.nb);
-  const Kern k = kernels(fmt);
-  float* y = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(kMinPerChunk, (list.k + at::get_num_threads() - 1) / at::get_num_threads());
-  at::parallel_for(0, list.k, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      if (g_ahead && j + g_ahead < hi) prefetch_row(w, list.ids[j + g_ahead]);
-      const int64_t r = list.ids[j];
-      const float b = bp ? bp[r] : 0.0f;
-      for (int64_t q = 0; q < n; ++q) y[q * list.k + j] = k.dot(w, r, xq[q]) + b;
-    }
-  });
+  matvec_rows(w, kernels(fmt), list, xq, n, bp, out.data_ptr<float>());
   return out;
 }
 
@@ -880,6 +893,25 @@ MlpArgs mlp_args(int64_t fmt_in, const at::Tensor& qs_in, const at::Tensor& d_in
   return a;
 }
 
+// One row's fused MLP over the neurons in list: y[0..d) = sum of kept a_i * W_down^T[i]
+// (+ b_down); returns the number kept.
+int64_t mlp_row(const MlpArgs& a, const List& list, const XQ& xr, const float* bd, float* y) {
+  const int64_t width = a.wdt.nb * kBlk, d = a.wdt.cols;
+  int64_t* kept_ids = scratch<int64_t, 5>(std::max<int64_t>(list.k, 1));
+  float* coef = scratch<float, 6>(std::max<int64_t>(list.k, 1));
+  return run_chunked(list.k, width, d, bd, y, [&](int64_t lo, int64_t hi, float* acc) {
+    int64_t kept = 0;
+    for (int64_t p = lo; p < hi; ++p) {
+      if (g_ahead && p + g_ahead / 2 < hi)
+        for (int64_t j = 0; j < a.r; ++j) prefetch_row(a.win, list.ids[p + g_ahead / 2] * a.r + j);
+      const int64_t i = list.ids[p];
+      if (neuron(a, xr, i, coef + lo + kept, false)) kept_ids[lo + kept++] = i;
+    }
+    axpy_list(a.kdt, a.wdt, kept_ids + lo, coef + lo, kept, acc);
+    return kept;
+  });
+}
+
 // Fused MLP: y = sum over kept neurons of a_i * W_down^T[i] (+ b_down); returns (y, kept
 // summed over the rows of x).
 std::tuple<at::Tensor, int64_t> q_mlp(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& qs_in,
@@ -901,26 +933,11 @@ std::tuple<at::Tensor, int64_t> q_mlp(const at::Tensor& x_in, int64_t fmt_in, co
   const at::Tensor x = as_rows(x_in, d, "q_mlp");
   at::Tensor out = output_for(x, d, out_opt);
   const float* bd = f32_ptr(b_down, d, "b_down");
-  const int64_t n = nrows(x), width = a.wdt.nb * kBlk;
+  const int64_t n = nrows(x);
   std::vector<XQ>& xq = quantize_rows(x.data_ptr<float>(), n, d, a.win.nb);
   const List list = index_list(idx, d_ff, true);
-  int64_t* kept_ids = scratch<int64_t, 5>(std::max<int64_t>(list.k, 1));
-  float* coef = scratch<float, 6>(std::max<int64_t>(list.k, 1));
   int64_t total = 0;
-  for (int64_t q = 0; q < n; ++q) {
-    const XQ& xr = xq[q];
-    total += run_chunked(list.k, width, d, bd, out.data_ptr<float>() + q * d, [&](int64_t lo, int64_t hi, float* acc) {
-      int64_t kept = 0;
-      for (int64_t p = lo; p < hi; ++p) {
-        if (g_ahead && p + g_ahead / 2 < hi)
-          for (int64_t j = 0; j < a.r; ++j) prefetch_row(a.win, list.ids[p + g_ahead / 2] * a.r + j);
-        const int64_t i = list.ids[p];
-        if (neuron(a, xr, i, coef + lo + kept, false)) kept_ids[lo + kept++] = i;
-      }
-      axpy_list(a.kdt, a.wdt, kept_ids + lo, coef + lo, kept, acc);
-      return kept;
-    });
-  }
+  for (int64_t q = 0; q < n; ++q) total += mlp_row(a, list, xq[q], bd, out.data_ptr<float>() + q * d);
   return {out, total};
 }
 
@@ -946,6 +963,143 @@ at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& q
   return out;
 }
 
+// ------------------------------------------------------------------ whole decode layers
+
+// Decode plan: every layer of a pre-norm decoder with quantized linears run by one call per
+// token. Per layer: RMSNorm, fused qkv (+bias), attention with RoPE and the cache write,
+// o (+bias), residual, RMSNorm, the fused MLP (dense, gate or act threshold), residual.
+// The kernels are the ones the per-op path calls; what goes away is the ~70 us per layer
+// of Python, argument conversion and tensor allocation around them.
+class Plan {
+ public:
+  Plan(int64_t d, int64_t heads, int64_t n_kv, int64_t head_dim)
+      : d_(d), heads_(heads), n_kv_(n_kv), hd_(head_dim) {
+    TORCH_CHECK(d > 0 && heads > 0 && n_kv > 0 && head_dim > 0 && heads % n_kv == 0, "Plan: bad shape");
+  }
+
+  void add_layer(const at::Tensor& ln1, double eps1, const at::Tensor& ln2, double eps2,
+                 int64_t fmt_qkv, const at::Tensor& qs_qkv, const at::Tensor& d_qkv,
+                 const c10::optional<at::Tensor>& m_qkv, const c10::optional<at::Tensor>& b_qkv,
+                 int64_t fmt_o, const at::Tensor& qs_o, const at::Tensor& d_o, const c10::optional<at::Tensor>& m_o,
+                 const c10::optional<at::Tensor>& b_o,
+                 int64_t fmt_in, const at::Tensor& qs_in, const at::Tensor& d_in, const c10::optional<at::Tensor>& m_in,
+                 int64_t fmt_dt, const at::Tensor& qs_dt, const at::Tensor& d_dt, const c10::optional<at::Tensor>& m_dt,
+                 const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& b_down, int64_t act,
+                 int64_t mode, double tau, const c10::optional<at::Tensor>& down_norm,
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::optional<at::Tensor>& cos,
+                 const c10::optional<at::Tensor>& sin, int64_t window, double scale, double softcap) {
+    Layer L;
+    const int64_t qkv_rows = (heads_ + 2 * n_kv_) * hd_;
+    for (const at::Tensor& t : {ln1, ln2}) TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == d_,
+                                                      "Plan: norm weights must be float32 [", d_, "]");
+    L.ln1 = ln1.data_ptr<float>();
+    L.ln2 = ln2.data_ptr<float>();
+    L.eps1 = eps1;
+    L.eps2 = eps2;
+    L.qkv = as_qm(fmt_qkv, d_, qs_qkv, d_qkv, m_qkv, "Plan qkv");
+    TORCH_CHECK(L.qkv.rows == qkv_rows, "Plan: qkv has ", L.qkv.rows, " rows, expected ", qkv_rows);
+    L.b_qkv = f32_ptr(b_qkv, qkv_rows, "qkv bias");
+    L.o = as_qm(fmt_o, heads_ * hd_, qs_o, d_o, m_o, "Plan o");
+    TORCH_CHECK(L.o.rows == d_, "Plan: o has ", L.o.rows, " rows, expected ", d_);
+    L.b_o = f32_ptr(b_o, d_, "o bias");
+    TORCH_CHECK(mode >= kAll && mode <= kActMode, "unknown mode ", mode);
+    L.mlp = mlp_args(fmt_in, qs_in, d_in, m_in, fmt_dt, qs_dt, d_dt, m_dt, d_, b_in, act);
+    L.mlp.mode = mode;
+    L.mlp.tau = static_cast<float>(tau);
+    L.mlp.down_norm = f32_ptr(down_norm, L.mlp.wdt.rows, "down_norm");
+    L.b_down = f32_ptr(b_down, d_, "b_down");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && k_cache.dim() == 3 &&
+                    k_cache.size(0) == n_kv_ && k_cache.size(2) == hd_ && v_cache.sizes() == k_cache.sizes() &&
+                    v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
+                "Plan: caches must be contiguous float32 [n_kv, S, head_dim]");
+    L.kc = k_cache.data_ptr<float>();
+    L.vc = v_cache.data_ptr<float>();
+    L.S = k_cache.size(1);
+    if (cos.has_value()) {
+      TORCH_CHECK(sin.has_value() && cos->scalar_type() == at::kFloat && cos->is_contiguous() && cos->dim() == 2 &&
+                      sin->sizes() == cos->sizes() && sin->is_contiguous() && sin->scalar_type() == at::kFloat &&
+                      cos->size(0) >= L.S && 2 * cos->size(1) <= hd_,
+                  "Plan: RoPE tables must be float32 [>= cache length, half] with 2*half <= head_dim");
+      L.cos = cos->data_ptr<float>();
+      L.sin = sin->data_ptr<float>();
+      L.half = cos->size(1);
+    }
+    L.window = window;
+    L.scale = static_cast<float>(scale);
+    L.cap = static_cast<float>(softcap);
+    // the tensors the pointers refer to stay alive as long as the plan
+    for (const at::Tensor& t : {ln1, ln2, qs_qkv, d_qkv, qs_o, d_o, qs_in, d_in, qs_dt, d_dt, k_cache, v_cache})
+      keep_.push_back(t);
+    for (const c10::optional<at::Tensor>* t : {&m_qkv, &b_qkv, &m_o, &b_o, &m_in, &m_dt, &b_in, &b_down, &down_norm, &cos, &sin})
+      if (t->has_value()) keep_.push_back(**t);
+    layers_.push_back(L);
+  }
+
+  // Runs every layer on h (float32 [d], updated in place) at position pos; returns the
+  // neurons each layer's MLP computed (int64 [layers]).
+  at::Tensor step(at::Tensor& h, int64_t pos) {
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == d_, "Plan.step: h must be float32 [",
+                d_, "]");
+    const int64_t qn = heads_ * hd_, kn = n_kv_ * hd_;
+    std::vector<float> x(d_), y(d_), qkv((heads_ + 2 * n_kv_) * hd_), att(qn);
+    at::Tensor kept = at::empty({static_cast<int64_t>(layers_.size())}, at::kLong);
+    int64_t* kp = kept.data_ptr<int64_t>();
+    float* hp = h.data_ptr<float>();
+#if MOYUQ_X86
+    auto rms = g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
+    auto attend = g_isa >= kAvx2 ? avx2::attend : scalar::attend;
+#else
+    auto rms = scalar::rms_row;
+    auto attend = scalar::attend;
+#endif
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& L = layers_[li];
+      TORCH_CHECK(pos >= 0 && pos < L.S, "Plan.step: position ", pos, " outside the cache (", L.S, ")");
+      rms(hp, L.ln1, d_, L.eps1, x.data());
+      matvec_all(L.qkv, x.data(), L.b_qkv, qkv.data());
+      const int64_t lo = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
+      AttnArgs a{L.kc, L.vc, L.S, hd_, n_kv_, heads_, pos, lo, L.cos ? L.cos + pos * L.half : nullptr,
+                 L.sin ? L.sin + pos * L.half : nullptr, L.half, L.scale, L.cap};
+      float* scr = scratch<float, 20>(qn + heads_ * (pos - lo + 1));
+      attend(a, qkv.data(), qkv.data() + qn, qkv.data() + qn + kn, att.data(), scr);
+      matvec_all(L.o, att.data(), L.b_o, y.data());
+      for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
+      rms(hp, L.ln2, d_, L.eps2, x.data());
+      std::vector<XQ>& xq = quantize_rows(x.data(), 1, d_, L.mlp.win.nb);
+      const List all = index_list(c10::nullopt, L.mlp.wdt.rows, false);
+      kp[li] = mlp_row(L.mlp, all, xq[0], L.b_down, y.data());
+      for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
+    }
+    return kept;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  struct Layer {
+    const float *ln1 = nullptr, *ln2 = nullptr;
+    double eps1 = 0, eps2 = 0;
+    QM qkv{}, o{};
+    const float *b_qkv = nullptr, *b_o = nullptr, *b_down = nullptr;
+    MlpArgs mlp{};
+    float *kc = nullptr, *vc = nullptr;
+    int64_t S = 0;
+    const float *cos = nullptr, *sin = nullptr;
+    int64_t half = 0, window = 0;
+    float scale = 1.0f, cap = 0.0f;
+  };
+
+  // y = W x (+ b) over every row of W.
+  static void matvec_all(const QM& w, const float* x, const float* b, float* y) {
+    std::vector<XQ>& xq = quantize_rows(x, 1, w.cols, w.nb);
+    matvec_rows(w, kernels(w.fmt), index_list(c10::nullopt, w.rows, false), xq, 1, b, y);
+  }
+
+  int64_t d_, heads_, n_kv_, hd_;
+  std::vector<Layer> layers_;
+  std::vector<at::Tensor> keep_;
+};
+
 }  // namespace moyuq
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -958,5 +1112,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &moyuq::best_isa, "widest code path this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
   m.def("get_isa", &moyuq::get_isa, "code path in use");
   m.def("set_isa", &moyuq::set_isa, "force a code path no wider than best_isa()");
+  pybind11::class_<moyuq::Plan>(m, "Plan", "whole decode layers over quantized weights, one call per token")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t>())
+      .def("add_layer", &moyuq::Plan::add_layer)
+      .def("step", &moyuq::Plan::step, release())
+      .def("__len__", &moyuq::Plan::size);
   m.def("set_prefetch", &moyuq::set_prefetch, "software prefetch: -1 none, 0 axpy passes only (default), n > 0 also n rows ahead in dot loops");
 }

@@ -41,7 +41,12 @@
 #define MOYU_AVX2 0
 #endif
 
+#include "attn_args.h"
+
 namespace moyu {
+
+using moyu_core::AttnArgs;
+#include "decode_core.h"
 
 using bf16 = c10::BFloat16;
 
@@ -785,15 +790,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const c10::optional<at::Tensor>& wei
   at::Tensor out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t q = 0; q < rows; ++q) {
-    const float* xr = xp + q * d;
-    float* o = op + q * d;
-    double ss = 0.0;
-    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
-    if (w) for (int64_t i = 0; i < d; ++i) o[i] = xr[i] * inv * w[i];
-    else for (int64_t i = 0; i < d; ++i) o[i] = xr[i] * inv;
-  }
+  for (int64_t q = 0; q < rows; ++q) rms_row(xp + q * d, w, d, eps, op + q * d);
   return out;
 }
 
@@ -807,7 +804,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const c10::optional<at::Tensor>& wei
 //   kc/vc [Hkv, S, hd] (the layer's cache; row `pos` is written here)
 //   cos/sin [half] or None: rotate-half RoPE over the first 2*half dims of q and k
 // Scores of positions lo..pos: s = (scale * q) . k, optionally softcap * tanh(s / softcap),
-// softmax, then the weighted sum of v. Head h reads kv head h / (H / Hkv).
+// softmax, then the weighted sum of v. Head h reads kv head h / (H / Hkv). The work is
+// decode_core.h's attend, which the fused quantized decode loop shares: both give the same bits.
 at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& kc, at::Tensor& vc, int64_t pos, int64_t lo,
                        const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
@@ -821,7 +819,7 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(k.numel() == n_kv * hd && v.numel() == n_kv * hd && q.numel() % (n_kv * hd) == 0,
               "attn_decode: q/k/v sizes do not match the cache's heads");
   TORCH_CHECK(0 <= lo && lo <= pos && pos < S, "attn_decode: need 0 <= lo <= pos < cache length");
-  const int64_t H = q.numel() / hd, group = H / n_kv;
+  const int64_t H = q.numel() / hd;
   const float* cs = nullptr;
   const float* sn = nullptr;
   int64_t half = 0;
@@ -834,65 +832,11 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     sn = sin->data_ptr<float>();
     half = cos->numel();
   }
-  auto rope = [&](const float* src, float* dst, float mul) {
-    for (int64_t i = 0; i < hd; ++i) dst[i] = src[i];
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = src[i], x2 = src[i + half];
-      dst[i] = x1 * cs[i] - x2 * sn[i];
-      dst[i + half] = x2 * cs[i] + x1 * sn[i];
-    }
-    if (mul != 1.0f)
-      for (int64_t i = 0; i < hd; ++i) dst[i] *= mul;
-  };
-  float* kcp = kc.data_ptr<float>();
-  float* vcp = vc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  for (int64_t j = 0; j < n_kv; ++j) {
-    rope(kp + j * hd, kcp + (j * S + pos) * hd, 1.0f);
-    std::memcpy(vcp + (j * S + pos) * hd, vp + j * hd, hd * sizeof(float));
-  }
-  at::Tensor out = at::zeros({H * hd}, q.options());
-  float* op = out.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
-  const int64_t n = pos - lo + 1;
-  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  // The query heads that share a kv head are scored together, so each cached k row is
-  // loaded once per group; v rows are summed kGroup positions at a time.
-  std::vector<float> qs(group * hd), p(group * n);
-  const float* rows[kGroup];
-  float s[kGroup];
-  for (int64_t j = 0; j < n_kv; ++j) {
-    for (int64_t g = 0; g < group; ++g) rope(qp + (j * group + g) * hd, qs.data() + g * hd, sc);
-    const float* kr = kcp + (j * S + lo) * hd;
-    for (int64_t g0 = 0; g0 < group; g0 += kGroup) {
-      const int gn = static_cast<int>(std::min<int64_t>(kGroup, group - g0));
-      for (int g = 0; g < gn; ++g) rows[g] = qs.data() + (g0 + g) * hd;
-      for (int64_t t = 0; t < n; ++t) {
-        dot_n(gn, rows, kr + t * hd, hd, s);
-        for (int g = 0; g < gn; ++g) p[(g0 + g) * n + t] = s[g];
-      }
-    }
-    const float* vr = vcp + (j * S + lo) * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      float* pg = p.data() + g * n;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
-        if (cap > 0.0f) pg[t] = std::tanh(pg[t] / cap) * cap;
-        mx = std::max(mx, pg[t]);
-      }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) sum += (pg[t] = std::exp(pg[t] - mx));
-      const float inv = 1.0f / sum;
-      for (int64_t t = 0; t < n; ++t) pg[t] *= inv;
-      float* o = op + (j * group + g) * hd;
-      for (int64_t t0 = 0; t0 < n; t0 += kGroup) {
-        const int tn = static_cast<int>(std::min<int64_t>(kGroup, n - t0));
-        for (int i = 0; i < tn; ++i) rows[i] = vr + (t0 + i) * hd;
-        axpy_n(tn, pg + t0, rows, o, hd);
-      }
-    }
-  }
+  at::Tensor out = at::empty({H * hd}, q.options());
+  const AttnArgs args{kc.data_ptr<float>(), vc.data_ptr<float>(), S, hd, n_kv, H, pos, lo, cs, sn, half,
+                      static_cast<float>(scale), static_cast<float>(softcap)};
+  std::vector<float> scratch(H * hd + H * (pos - lo + 1));
+  attend(args, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), scratch.data());
   return out;
 }
 

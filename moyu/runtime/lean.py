@@ -78,6 +78,8 @@ class LeanModel:
         self._kv = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
         self._rope_rows = [list(zip(c.unbind(0), s_.unbind(0))) for c, s_ in zip(flat.rope_cos, flat.rope_sin)]
         self.pos = 0
+        self.fused = True
+        self._plan = False   # built at the first decode step (False: not tried yet)
 
     @classmethod
     def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
@@ -147,6 +149,23 @@ class LeanModel:
     def kept(self) -> list[int]:
         """Neurons each layer's MLP step computed at the last decode step."""
         return [L.mlp.kept for L in self.flat.layers]
+
+    @property
+    def plan(self):
+        """The fused one-call-per-token decode loop (:mod:`moyu.runtime.fused`), or None where
+        this model and format run per op (``fused_reason`` says why). Set ``fused = False``
+        to decode per op anyway (the two give the same tokens; tested)."""
+        if self._plan is False:
+            from .fused import build_plan
+            self._plan = build_plan(self.flat, self._kv, self.fmt.quantized)
+        return self._plan
+
+    @property
+    def fused_reason(self) -> str | None:
+        """Why decoding runs per op rather than fused, or None when it runs fused."""
+        from .fused import why_not
+        return None if self.fused and self.plan is not None else (
+            "turned off (fused = False)" if not self.fused else why_not(self.flat, self.fmt.quantized))
 
     # ----------------------------------------------------------------- pieces
     def _embed(self, ids: Tensor, pos0: int) -> Tensor:
@@ -282,8 +301,14 @@ class LeanModel:
         self._check_room(1)
         pos = self.pos
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
-        for li, L in enumerate(self.flat.layers):
-            h = self._layer(li, L, h, pos)
+        plan = self.plan if self.fused else None
+        if plan is not None:
+            h = h.contiguous()
+            for L, kept in zip(self.flat.layers, plan.step(h, pos).tolist()):
+                L.mlp.count(kept)
+        else:
+            for li, L in enumerate(self.flat.layers):
+                h = self._layer(li, L, h, pos)
         self.pos = pos + 1
         return self._head(h)
 

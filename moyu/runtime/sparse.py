@@ -88,6 +88,13 @@ class ThresholdStep(DenseMLPStep):
         self.tau = tau
         self.mode = "gate" if layer.gated else "act"
 
+    def fused(self):
+        """The CATS rule in the fused decode loop (quantized weights only)."""
+        if not self.fmt.quantized:
+            return None
+        from .fused import MODES, FusedMLP
+        return FusedMLP(self.sparse, MODES[self.mode], self.tau)
+
     def decode(self, x: Tensor) -> Tensor:
         y, kept = self.kernels.threshold(x, self.sparse, self.tau, mode=self.mode)
         self.count(int(kept))
@@ -114,8 +121,8 @@ class SketchStep(DenseMLPStep):
         self.reuse = bool(rule.reuse) or fmt.quantized
         if fmt.quantized:
             self.sketch_nbytes = 0
-            down_norm = self.packed.down_norm()
-            self._run = lambda x: self.kernels.sketch(x, self.packed, down_norm, tau, self._out)
+            self.tau, self.down_norm = tau, self.packed.down_norm()
+            self._run = lambda x: self.kernels.sketch(x, self.packed, self.down_norm, tau, self._out)
         else:
             self.sketch_nbytes = sk.nbytes
             args = (sk.codes, sk.scales, sk.bias, sk.down_norm, tau)
@@ -125,6 +132,13 @@ class SketchStep(DenseMLPStep):
         y, kept = self._run(x)
         self.count(int(kept))
         return y
+
+    def fused(self):
+        """The sketch rule in the fused decode loop (quantized weights only)."""
+        if not self.fmt.quantized:
+            return None
+        from .fused import MODES, FusedMLP
+        return FusedMLP(self.packed, MODES["act"], self.tau, self.down_norm)
 
     @property
     def nbytes(self) -> int:

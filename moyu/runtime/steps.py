@@ -168,6 +168,15 @@ class DenseMLPStep:
         """Dense MLP of one position, ``[d] -> [d]`` (output buffer reused)."""
         return self.kernels.mlp(x, self.packed, None, self._out)
 
+    def fused(self):
+        """This step as the fused decode loop runs it (:class:`~moyu.runtime.fused.FusedMLP`),
+        or None. Only the dense step itself qualifies here: a subclass that decodes
+        differently must say how (or stay on the per-op loop)."""
+        if type(self) is not DenseMLPStep or not self.fmt.quantized:
+            return None
+        from .fused import FusedMLP
+        return FusedMLP(self.packed, 0)
+
     def count(self, kept: int) -> None:
         """Record one decode call that computed ``kept`` neurons."""
         self.kept = kept

@@ -1,0 +1,82 @@
+// moyu decode core: RMSNorm of one row and one decode position of attention (RoPE, cache
+// write, scores, softmax, weighted sum), in plain loops the compiler vectorises for the
+// instruction set of the region that includes this file.
+//
+// Included inside an ISA namespace of quant_kernels.cpp (after its standard headers), once
+// per code path, so each copy is compiled with that path's target options. It must
+// therefore include nothing and define only inline functions; AttnArgs (attn_args.h) must
+// be visible where it is included.
+
+// Dot product with eight independent partial sums (vectorisable without -ffast-math).
+inline float dot_f(const float* a, const float* b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+  float t = 0.0f;
+  for (; i < n; ++i) t += a[i] * b[i];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + t;
+}
+
+// out = x / rms(x) * w (w may be null); the sum of squares in double, as the fp32
+// extension's rms_norm computes it.
+inline void rms_row(const float* x, const float* w, int64_t d, double eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+  if (w) for (int64_t i = 0; i < d; ++i) out[i] = x[i] * inv * w[i];
+  else for (int64_t i = 0; i < d; ++i) out[i] = x[i] * inv;
+}
+
+// dst = rotate(src) * mul (GPT-NeoX half rotation over the first 2*half channels).
+inline void rope_row(const AttnArgs& a, const float* src, float* dst, float mul) {
+  for (int64_t i = 0; i < a.hd; ++i) dst[i] = src[i];
+  for (int64_t i = 0; i < a.half; ++i) {
+    const float x1 = src[i], x2 = src[i + a.half];
+    dst[i] = x1 * a.cos[i] - x2 * a.sin[i];
+    dst[i + a.half] = x2 * a.cos[i] + x1 * a.sin[i];
+  }
+  if (mul != 1.0f)
+    for (int64_t i = 0; i < a.hd; ++i) dst[i] *= mul;
+}
+
+// Writes k and v of position pos into the caches and out[heads * hd] = attention of q over
+// positions lo..pos. scratch: heads * hd + heads * (pos - lo + 1) floats.
+inline void attend(const AttnArgs& a, const float* q, const float* k, const float* v, float* out,
+                   float* scratch) {
+  const int64_t hd = a.hd, S = a.S, group = a.heads / a.n_kv, n = a.pos - a.lo + 1;
+  for (int64_t j = 0; j < a.n_kv; ++j) {
+    float* kd = a.kc + (j * S + a.pos) * hd;
+    if (a.cos) rope_row(a, k + j * hd, kd, 1.0f);
+    else for (int64_t i = 0; i < hd; ++i) kd[i] = k[j * hd + i];
+    std::memcpy(a.vc + (j * S + a.pos) * hd, v + j * hd, hd * sizeof(float));
+  }
+  float* qs = scratch;
+  float* p = scratch + a.heads * hd;
+  for (int64_t h = 0; h < a.heads; ++h) {
+    if (a.cos) rope_row(a, q + h * hd, qs + h * hd, a.scale);
+    else for (int64_t i = 0; i < hd; ++i) qs[h * hd + i] = q[h * hd + i] * a.scale;
+  }
+  for (int64_t h = 0; h < a.heads; ++h) {
+    const int64_t j = h / group;
+    const float* kr = a.kc + (j * S + a.lo) * hd;
+    const float* vr = a.vc + (j * S + a.lo) * hd;
+    float* ph = p + h * n;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      float s = dot_f(qs + h * hd, kr + t * hd, hd);
+      if (a.cap > 0.0f) s = std::tanh(s / a.cap) * a.cap;
+      mx = std::max(mx, ph[t] = s);
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; ++t) sum += (ph[t] = std::exp(ph[t] - mx));
+    const float inv = 1.0f / sum;
+    float* o = out + h * hd;
+    for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float w = ph[t] * inv;
+      const float* vt = vr + t * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] += w * vt[i];
+    }
+  }
+}
