@@ -407,11 +407,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("hf_dense", "moyu_dense", "moyu_sparse", "llamacpp"):
         if name in res:
             r = res[name]
-            print(f"  {name:<12} {r['tok_s']:7.2f} tok/s   roofline {r['roofline_tok_s']:7.1f} tok/s "
+            dec = f" ({r['decode_tok_s']:.1f} decode)" if r.get("decode_tok_s") else ""
+            print(f"  {name:<12} {r['tok_s']:7.2f} tok/s{dec}   roofline {r['roofline_tok_s']:7.1f} tok/s "
                   f"({100 * r['roofline_share']:.0f} % reached; {100 * r['read_roofline_share']:.0f} % of "
                   f"read bandwidth)   {r['memory_bytes'] / 1e6:.0f} MB")
     for k in ("dense_vs_hf", "speedup_vs_dense", "speedup_vs_hf", "llamacpp_quant", "dense_vs_llamacpp",
-              "speedup_vs_llamacpp", "sparsity"):
+              "speedup_vs_llamacpp", "decode_dense_vs_llamacpp", "decode_speedup_vs_llamacpp", "sparsity"):
         if k in res:
             print(f"  {k}: {res[k]}")
     return 0
