@@ -36,7 +36,7 @@ def _decode(lean, ids, p):
 
 
 @needs_cpp
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3_text", "qwen3"])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("method", [None, "sketch-reuse", "cats"])
 def test_fused_equals_per_op(arch, fmt, method):
@@ -83,7 +83,7 @@ def test_fused_scalar_path_is_close():
 
 @pytest.mark.parametrize("arch, fmt, method, reason", [
     ("llama", "fp32", None, "float weights"),
-    ("gemma3_text", "int8", None, "norms"),
+    ("olmo", "int8", None, "norms"),
     ("llama", "int8", "dejavu-linear", "has no fused form"),
 ])
 def test_runs_per_op_where_it_cannot_fuse(arch, fmt, method, reason):

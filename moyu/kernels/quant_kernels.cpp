@@ -966,8 +966,10 @@ at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& q
 // ------------------------------------------------------------------ whole decode layers
 
 // Decode plan: every layer of a pre-norm decoder with quantized linears run by one call per
-// token. Per layer: RMSNorm, fused qkv (+bias), attention with RoPE and the cache write,
-// o (+bias), residual, RMSNorm, the fused MLP (dense, gate or act threshold), residual.
+// token. Per layer: RMSNorm, fused qkv (+bias), per-head q/k RMSNorms (optional), attention
+// with RoPE and the cache write, o (+bias), an output RMSNorm (optional, Gemma 2/3),
+// residual, RMSNorm, the fused MLP (dense, gate or act threshold), an output RMSNorm
+// (optional), residual.
 // The kernels are the ones the per-op path calls; what goes away is the ~70 us per layer
 // of Python, argument conversion and tensor allocation around them.
 class Plan {
@@ -987,8 +989,19 @@ class Plan {
                  const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& b_down, int64_t act,
                  int64_t mode, double tau, const c10::optional<at::Tensor>& down_norm,
                  const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::optional<at::Tensor>& cos,
-                 const c10::optional<at::Tensor>& sin, int64_t window, double scale, double softcap) {
+                 const c10::optional<at::Tensor>& sin, int64_t window, double scale, double softcap,
+                 const c10::optional<at::Tensor>& ln_attn_out, double eps_ao,
+                 const c10::optional<at::Tensor>& ln_mlp_out, double eps_mo,
+                 const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, double eps_qk) {
     Layer L;
+    L.ln_ao = f32_ptr(ln_attn_out, d_, "attention output norm");
+    L.ln_mo = f32_ptr(ln_mlp_out, d_, "MLP output norm");
+    L.eps_ao = eps_ao;
+    L.eps_mo = eps_mo;
+    L.qn = f32_ptr(q_norm, hd_, "q norm");
+    L.kn = f32_ptr(k_norm, hd_, "k norm");
+    TORCH_CHECK(!L.qn == !L.kn, "Plan: q and k norms come together");
+    L.eps_qk = eps_qk;
     const int64_t qkv_rows = (heads_ + 2 * n_kv_) * hd_;
     for (const at::Tensor& t : {ln1, ln2}) TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == d_,
                                                       "Plan: norm weights must be float32 [", d_, "]");
@@ -1030,7 +1043,8 @@ class Plan {
     // the tensors the pointers refer to stay alive as long as the plan
     for (const at::Tensor& t : {ln1, ln2, qs_qkv, d_qkv, qs_o, d_o, qs_in, d_in, qs_dt, d_dt, k_cache, v_cache})
       keep_.push_back(t);
-    for (const c10::optional<at::Tensor>* t : {&m_qkv, &b_qkv, &m_o, &b_o, &m_in, &m_dt, &b_in, &b_down, &down_norm, &cos, &sin})
+    for (const c10::optional<at::Tensor>* t : {&m_qkv, &b_qkv, &m_o, &b_o, &m_in, &m_dt, &b_in, &b_down, &down_norm, &cos,
+                                                &sin, &ln_attn_out, &ln_mlp_out, &q_norm, &k_norm})
       if (t->has_value()) keep_.push_back(**t);
     layers_.push_back(L);
   }
@@ -1057,17 +1071,23 @@ class Plan {
       TORCH_CHECK(pos >= 0 && pos < L.S, "Plan.step: position ", pos, " outside the cache (", L.S, ")");
       rms(hp, L.ln1, d_, L.eps1, x.data());
       matvec_all(L.qkv, x.data(), L.b_qkv, qkv.data());
+      if (L.qn) {   // per-head norms of q and k (in place), before RoPE
+        for (int64_t j = 0; j < heads_; ++j) rms(qkv.data() + j * hd_, L.qn, hd_, L.eps_qk, qkv.data() + j * hd_);
+        for (int64_t j = 0; j < n_kv_; ++j) rms(qkv.data() + qn + j * hd_, L.kn, hd_, L.eps_qk, qkv.data() + qn + j * hd_);
+      }
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
       AttnArgs a{L.kc, L.vc, L.S, hd_, n_kv_, heads_, pos, lo, L.cos ? L.cos + pos * L.half : nullptr,
                  L.sin ? L.sin + pos * L.half : nullptr, L.half, L.scale, L.cap};
       float* scr = scratch<float, 20>(qn + heads_ * (pos - lo + 1));
       attend(a, qkv.data(), qkv.data() + qn, qkv.data() + qn + kn, att.data(), scr);
       matvec_all(L.o, att.data(), L.b_o, y.data());
+      if (L.ln_ao) rms(y.data(), L.ln_ao, d_, L.eps_ao, y.data());
       for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
       rms(hp, L.ln2, d_, L.eps2, x.data());
       std::vector<XQ>& xq = quantize_rows(x.data(), 1, d_, L.mlp.win.nb);
       const List all = index_list(c10::nullopt, L.mlp.wdt.rows, false);
       kp[li] = mlp_row(L.mlp, all, xq[0], L.b_down, y.data());
+      if (L.ln_mo) rms(y.data(), L.ln_mo, d_, L.eps_mo, y.data());
       for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
     }
     return kept;
@@ -1077,8 +1097,8 @@ class Plan {
 
  private:
   struct Layer {
-    const float *ln1 = nullptr, *ln2 = nullptr;
-    double eps1 = 0, eps2 = 0;
+    const float *ln1 = nullptr, *ln2 = nullptr, *ln_ao = nullptr, *ln_mo = nullptr, *qn = nullptr, *kn = nullptr;
+    double eps1 = 0, eps2 = 0, eps_ao = 0, eps_mo = 0, eps_qk = 0;
     QM qkv{}, o{};
     const float *b_qkv = nullptr, *b_o = nullptr, *b_down = nullptr;
     MlpArgs mlp{};

@@ -3,7 +3,8 @@
 The per-op decode loop (:meth:`LeanModel._layer`) costs ~70 us per layer on top of its
 kernels: Python, argument conversion and small tensor allocations around ~6 calls. For the
 layer layout most models share (RMSNorm before attention and MLP, one fused qkv, RoPE or
-none, o, residuals; Llama, Qwen2, Mistral, SmolLM ...) with int8/int4 weights, a
+none, o, residuals; Llama, Qwen2, Mistral, SmolLM ...; Gemma 2/3's output and q/k norms
+too) with int8/int4 weights, a
 :class:`~moyu.kernels.quant_ops` ``Plan`` runs every layer of a token in one call, on the
 very kernels the per-op path calls. Anything else (other norms or quirks, a method without
 a fused MLP, float weights, the PyTorch fallback) keeps the per-op loop: :func:`build_plan`
@@ -59,14 +60,23 @@ def why_not(flat: FlatModel, quantized: bool) -> str | None:
 def _layer_reason(L: LeanLayer) -> str | None:
     if not (_rms(L.ln_attn) and _rms(L.ln_mlp)):
         return "norms other than RMSNorm with a weight"
-    if L.ln_attn_out is not None or L.ln_mlp_out is not None or L.q_norm is not None or L.clip is not None:
-        return "sandwich norms, q/k norms or qkv clipping"
+    optional = (L.ln_attn_out, L.ln_mlp_out, L.q_norm, L.k_norm)
+    if any(n is not None and not _rms(n) for n in optional) or (L.q_norm is None) != (L.k_norm is None):
+        return "output or q/k norms other than RMSNorm with a weight"
+    if L.q_norm is not None and L.q_norm.eps != L.k_norm.eps:
+        return "q and k norms with different epsilons"
+    if L.clip is not None:
+        return "qkv clipping"
     if len(L.qkv) != 1 or not _quant_linear(L.qkv[0]) or not _quant_linear(L.o):
         return "attention projections that are not plain quantized linears"
     fused = getattr(L.mlp, "fused", None)
     if fused is None or fused() is None:
         return f"its MLP step ({type(L.mlp).__name__}) has no fused form"
     return None
+
+
+def _norm_args(norm: Norm | None) -> tuple:
+    return (None, 0.0) if norm is None else (norm.weight, norm.eps)
 
 
 def build_plan(flat: FlatModel, caches: list[tuple[Tensor, Tensor]], quantized: bool):
@@ -90,5 +100,7 @@ def build_plan(flat: FlatModel, caches: list[tuple[Tensor, Tensor]], quantized: 
                        qkv.q.fmt_id, qs1, d1, m1, qkv.bias, o.q.fmt_id, qs2, d2, m2, o.bias,
                        fi, qi, di, mi, fd, qd, dd, md, q.b_in, q.b_down, q.act_id,
                        f.mode, float(f.tau), f.down_norm, kc, vc, cos, sin,
-                       int(L.window or 0), float(L.scale), float(L.softcap or 0.0))
+                       int(L.window or 0), float(L.scale), float(L.softcap or 0.0),
+                       *_norm_args(L.ln_attn_out), *_norm_args(L.ln_mlp_out),
+                       *((L.q_norm.weight, L.k_norm.weight, L.q_norm.eps) if L.q_norm is not None else (None, None, 0.0)))
     return plan
