@@ -177,6 +177,17 @@ def test_four_row_dots_equal_one_row_dots(backend, fmt):
     assert torch.equal(q_matvec(x, m), scattered)
 
 
+@needs_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_rows_is_dequantize(fmt):
+    """The C++ widening a prompt's GEMM uses gives QuantMatrix.dequantize's values exactly."""
+    m = quantize(torch.randn(40, 70, generator=torch.Generator().manual_seed(5)), fmt)
+    got = _CPP.dequant_rows(*m.args(), 7, 31)[:, :70]
+    assert torch.equal(got, m.dequantize()[7:31])
+    with pytest.raises(RuntimeError, match="outside"):
+        _CPP.dequant_rows(*m.args(), 30, 41)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_axpy_against_reference(backend, fmt):
     rows, cols = 45, 100

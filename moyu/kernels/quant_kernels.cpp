@@ -1064,6 +1064,39 @@ std::tuple<at::Tensor, int64_t> q_mlp(const at::Tensor& x_in, int64_t fmt_in, co
   return {out, total};
 }
 
+// Rows r0 .. r1 of a quantized matrix as float32 [r1 - r0, nb * 32] (d * q (+ m), exactly as
+// QuantMatrix.dequantize computes it): the prompt's widened weights, one pass, no temporaries.
+at::Tensor dequant_rows(int64_t fmt, int64_t cols, const at::Tensor& qs, const at::Tensor& d,
+                        const c10::optional<at::Tensor>& m, int64_t r0, int64_t r1) {
+  const QM w = as_qm(fmt, cols, qs, d, m, "dequant_rows");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.rows, "dequant_rows: rows ", r0, "..", r1, " outside [0, ", w.rows, "]");
+  const int64_t width = w.nb * kBlk;
+  at::Tensor out = at::empty({r1 - r0, width}, qs.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(r0, r1, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const uint8_t* c = w.codes(r);
+      float* o = op + (r - r0) * width;
+      for (int64_t b = 0; b < w.nb; ++b) {
+        const float s = h2f(w.d[r * w.nb + b]);
+        float* ob = o + b * kBlk;
+        if (fmt == kInt8) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(c) + b * kBlk;
+          for (int i = 0; i < kBlk; ++i) ob[i] = s * static_cast<float>(q[i]);
+        } else {
+          const float mn = h2f(w.m[r * w.nb + b]);
+          const uint8_t* q = c + b * kBlk / 2;
+          for (int i = 0; i < kBlk / 2; ++i) {
+            ob[i] = s * static_cast<float>(q[i] & 0x0F) + mn;
+            ob[i + kBlk / 2] = s * static_cast<float>(q[i] >> 4) + mn;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // Activations of every neuron: [n, d_ff] (gate_only: act(gate) for gated MLPs).
 at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& qs_in, const at::Tensor& d_in,
                      const c10::optional<at::Tensor>& m_in, int64_t r, const c10::optional<at::Tensor>& b_in,
@@ -1252,6 +1285,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_axpy", &moyuq::q_axpy, "y = sum_r a[r] * W[r] over listed quantized rows", release());
   m.def("q_mlp", &moyuq::q_mlp, "fused quantized MLP (dense, kept list, or threshold)", release());
   m.def("q_mlp_act", &moyuq::q_mlp_act, "activations of every neuron from quantized gate/up", release());
+  m.def("dequant_rows", &moyuq::dequant_rows, "rows r0..r1 of a quantized matrix as float32", release());
   m.def("best_isa", &moyuq::best_isa, "widest code path this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
   m.def("get_isa", &moyuq::get_isa, "code path in use");
   m.def("set_isa", &moyuq::set_isa, "force a code path no wider than best_isa()");
