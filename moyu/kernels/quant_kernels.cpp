@@ -182,14 +182,6 @@ void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, 
   }
 }
 
-void dot4_i8(const QM& w, int64_t r, const XQ& x, float* out) {
-  for (int k = 0; k < 4; ++k) out[k] = dot_i8(w, r + k, x);
-}
-
-void dot4_i4(const QM& w, int64_t r, const XQ& x, float* out) {
-  for (int k = 0; k < 4; ++k) out[k] = dot_i4(w, r + k, x);
-}
-
 }  // namespace scalar
 
 #if MOYUQ_X86
@@ -342,30 +334,7 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y, Ahead ne
   }
 }
 
-template <bool Q4>
-void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) {
-  switch (n) {
-    case 1: axpy_g<1, Q4>(w, rows, a, y, next); break;
-    case 2: axpy_g<2, Q4>(w, rows, a, y, next); break;
-    case 3: axpy_g<3, Q4>(w, rows, a, y, next); break;
-    case 4: axpy_g<4, Q4>(w, rows, a, y, next); break;
-    case 5: axpy_g<5, Q4>(w, rows, a, y, next); break;
-    case 6: axpy_g<6, Q4>(w, rows, a, y, next); break;
-    case 7: axpy_g<7, Q4>(w, rows, a, y, next); break;
-    default: axpy_g<8, Q4>(w, rows, a, y, next); break;
-  }
-}
-
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<false>(w, n, rows, a, y, next); }
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<true>(w, n, rows, a, y, next); }
-
-void dot4_i8(const QM& w, int64_t r, const XQ& x, float* out) {
-  for (int k = 0; k < 4; ++k) out[k] = dot_i8(w, r + k, x);
-}
-
-void dot4_i4(const QM& w, int64_t r, const XQ& x, float* out) {
-  for (int k = 0; k < 4; ++k) out[k] = dot_i4(w, r + k, x);
-}
+#include "axpy_entry.h"
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -515,10 +484,6 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
   return _mm512_reduce_add_ps(acc) + hsum256(tail) + (_mm_cvtss_f32(macc) + mt);
 }
 
-void dot4_i4(const QM& w, int64_t r, const XQ& x, float* out) {
-  for (int k = 0; k < 4; ++k) out[k] = dot_i4(w, r + k, x);
-}
-
 // Block scales (a * d) of G rows, 16 blocks at a time (masked load of the fp16 values),
 // broadcast per block from L1; int4 mins enter as one per-block constant per group.
 template <int G, bool Q4>
@@ -573,22 +538,7 @@ void axpy_g(const QM& w, const int64_t* rows, const float* a, float* y, Ahead ne
   }
 }
 
-template <bool Q4>
-void axpy_n(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) {
-  switch (n) {
-    case 1: axpy_g<1, Q4>(w, rows, a, y, next); break;
-    case 2: axpy_g<2, Q4>(w, rows, a, y, next); break;
-    case 3: axpy_g<3, Q4>(w, rows, a, y, next); break;
-    case 4: axpy_g<4, Q4>(w, rows, a, y, next); break;
-    case 5: axpy_g<5, Q4>(w, rows, a, y, next); break;
-    case 6: axpy_g<6, Q4>(w, rows, a, y, next); break;
-    case 7: axpy_g<7, Q4>(w, rows, a, y, next); break;
-    default: axpy_g<8, Q4>(w, rows, a, y, next); break;
-  }
-}
-
-void axpy_i8(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<false>(w, n, rows, a, y, next); }
-void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, Ahead next) { axpy_n<true>(w, n, rows, a, y, next); }
+#include "axpy_entry.h"
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -599,6 +549,12 @@ void axpy_i4(const QM& w, int n, const int64_t* rows, const float* a, float* y, 
 using DotFn = float (*)(const QM&, int64_t, const XQ&);
 using AxpyFn = void (*)(const QM&, int, const int64_t*, const float*, float*, Ahead);
 using Dot4Fn = void (*)(const QM&, int64_t, const XQ&, float*);   // rows r..r+3
+
+// Four rows by four one-row dots: the paths without a four-row kernel of their own.
+template <DotFn Dot>
+void dot4_each(const QM& w, int64_t r, const XQ& x, float* out) {
+  for (int k = 0; k < 4; ++k) out[k] = Dot(w, r + k, x);
+}
 struct Kern {
   DotFn dot;
   AxpyFn axpy;
@@ -630,10 +586,10 @@ void set_isa(int64_t isa) {
 
 Kern kernels(int64_t fmt) {
 #if MOYUQ_X86
-  if (g_isa == kAvx512) return fmt == kInt8 ? Kern{avx512::dot_i8, avx512::axpy_i8, avx512::dot4_i8} : Kern{avx512::dot_i4, avx512::axpy_i4, avx512::dot4_i4};
-  if (g_isa == kAvx2) return fmt == kInt8 ? Kern{avx2::dot_i8, avx2::axpy_i8, avx2::dot4_i8} : Kern{avx2::dot_i4, avx2::axpy_i4, avx2::dot4_i4};
+  if (g_isa == kAvx512) return fmt == kInt8 ? Kern{avx512::dot_i8, avx512::axpy_i8, avx512::dot4_i8} : Kern{avx512::dot_i4, avx512::axpy_i4, dot4_each<avx512::dot_i4>};
+  if (g_isa == kAvx2) return fmt == kInt8 ? Kern{avx2::dot_i8, avx2::axpy_i8, dot4_each<avx2::dot_i8>} : Kern{avx2::dot_i4, avx2::axpy_i4, dot4_each<avx2::dot_i4>};
 #endif
-  return fmt == kInt8 ? Kern{scalar::dot_i8, scalar::axpy_i8, scalar::dot4_i8} : Kern{scalar::dot_i4, scalar::axpy_i4, scalar::dot4_i4};
+  return fmt == kInt8 ? Kern{scalar::dot_i8, scalar::axpy_i8, dot4_each<scalar::dot_i8>} : Kern{scalar::dot_i4, scalar::axpy_i4, dot4_each<scalar::dot_i4>};
 }
 
 // ------------------------------------------------------------------ scratch, lists, activations
