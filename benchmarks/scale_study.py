@@ -16,13 +16,14 @@ each MOYU statistic and each method's perplexity change at 50 % against paramete
 
     python benchmarks/scale_study.py [--models smollm2-135m,...] [--cells analyze,sweep,bench]
         [--corpora prose,code] [--methods ...] [--sparsities 0.3,0.5,0.7] [--tokens 2305]
-        [--out docs/results/scale] [--report]
+        [--calib-tokens 8192] [--bench-tokens 128] [--bench-runs 3] [--out docs/results/scale] [--report]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
     import moyu
     from moyu import data
     from moyu.analysis import analyze
+    from moyu.evaluate import DenseReference
     from moyu.methods import calibrate, calibration_ids
     from moyu.sweep import run_sweep
 
@@ -91,6 +93,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         if not todo:
             continue
         model, tok = load(name)
+        ref = DenseReference()   # dense logits shared by every sweep cell of this model
         params = sum(p.numel() for p in model.parameters())
         write_json(cells / "model.json", {"model": name, "parameters": params,
                                           "model_type": model.config.model_type})
@@ -103,17 +106,20 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
                 _, corpus, method = cell.split("-", 2)
                 rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=corpus),
                                  data.tokens(tok, "eval", args.tokens, corpus=corpus),
-                                 [method], args.sparsities)
-                result = {"corpus": corpus, "method": method, "rows": rows}
+                                 [method], args.sparsities, reference=ref)
+                result = {"corpus": corpus, "method": method, "rows": rows,
+                          "tokens": args.tokens, "calib_tokens": args.calib_tokens}
             else:
                 from moyu.bench import bench
                 from moyu.models import builtin_gguf
                 prof = calibrate(model, calibration_ids(tok, args.calib_tokens), method="sketch-reuse",
                                  sparsity=0.5)
-                result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=128,
-                               runs=3, gguf=str(builtin_gguf(name)))
+                result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=args.bench_tokens,
+                               runs=args.bench_runs, gguf=str(builtin_gguf(name)))
             result["seconds"] = round(time.perf_counter() - t0, 1)
             result["threads"] = torch.get_num_threads()
+            # peak resident size of this process so far (Linux: KiB), the load included
+            result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             write_json(cells / f"{cell}.json", result)
         del model, tok
 
@@ -131,11 +137,26 @@ def gather(out: Path) -> dict[str, Any]:
     return {"models": sorted(models, key=lambda m: m["parameters"])}
 
 
-def _ppl_change(cell: dict, sparsity: float) -> float | None:
+def _row(cell: dict, sparsity: float) -> dict | None:
     for r in cell["rows"]:
         if abs(r["target"] - sparsity) < 1e-9:
-            return 100 * (r["ppl"] / r["dense_ppl"] - 1)
+            return r
     return None
+
+
+def _ppl_change(cell: dict, sparsity: float) -> float | None:
+    r = _row(cell, sparsity)
+    return None if r is None else 100 * (r["ppl"] / r["dense_ppl"] - 1)
+
+
+def _ppl_change_text(cell: dict | None, sparsity: float) -> str:
+    """``+1.2 [+0.9, +1.5]``: the change in % with its interval (the paired ppl-ratio CI)."""
+    r = None if cell is None else _row(cell, sparsity)
+    if r is None:
+        return "-"
+    ci = r.get("ppl_ratio_ci")
+    text = f"{100 * (r['ppl'] / r['dense_ppl'] - 1):+.1f}"
+    return text + (f" [{100 * (ci[0] - 1):+.1f}, {100 * (ci[1] - 1):+.1f}]" if ci else "")
 
 
 def report(out: Path) -> None:
@@ -148,21 +169,34 @@ def report(out: Path) -> None:
     if not g["models"]:
         print("no finished cells yet", flush=True)
         return
-    lines = ["| model | parameters | " + " | ".join(STATISTICS) + " |",
-             "|---|---:|" + "---:|" * len(STATISTICS)]
+    lines = ["| model | parameters | " + " | ".join(STATISTICS) + " | analyze wall s | peak RSS GB |",
+             "|---|---:|" + "---:|" * (len(STATISTICS) + 2)]
     for m in g["models"]:
         a = m["cells"].get("analyze")
         vals = [f"{f(a):.3f}" if a else "-" for f in STATISTICS.values()]
+        vals += [str(a.get(k, "-")) if a else "-" for k in ("seconds", "peak_rss_gb")]
         lines.append(f"| {m['model']} | {m['parameters'] / 1e6:.0f} M | " + " | ".join(vals) + " |")
     methods = sorted({c["method"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
     corpora = sorted({c["corpus"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
+    sparsities = sorted({r["target"] for m in g["models"] for k, c in m["cells"].items()
+                         if k.startswith("sweep-") for r in c["rows"]})
     for corpus in corpora:
-        lines += ["", f"Perplexity change at 50 % ({corpus}), % vs dense:", "",
-                  "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-        for m in g["models"]:
-            cells = [m["cells"].get(f"sweep-{corpus}-{x}") for x in methods]
-            vals = [(lambda v: "-" if v is None else f"{v:+.1f}")(_ppl_change(c, 0.5) if c else None) for c in cells]
-            lines.append(f"| {m['model']} | " + " | ".join(vals) + " |")
+        for sp in sparsities:
+            lines += ["", f"Perplexity change at {100 * sp:.0f} % ({corpus}), % vs dense [95 % interval of the "
+                      "paired ppl ratio]:", "",
+                      "| model | dense ppl | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+            for m in g["models"]:
+                cells = [m["cells"].get(f"sweep-{corpus}-{x}") for x in methods]
+                dense = next((r["dense_ppl"] for c in cells if c for r in c["rows"]), None)
+                if all(c is None or _row(c, sp) is None for c in cells):
+                    continue
+                lines.append(f"| {m['model']} | {'-' if dense is None else f'{dense:.2f}'} | "
+                             + " | ".join(_ppl_change_text(c, sp) for c in cells) + " |")
+    protocol = sorted({(c.get("tokens"), c.get("calib_tokens")) for m in g["models"]
+                       for k, c in m["cells"].items() if k.startswith("sweep-")}, key=str)
+    if protocol:
+        lines += ["", "Sweep protocol (evaluation tokens, calibration tokens per corpus): "
+                  + "; ".join(f"{t}, {c}" for t, c in protocol)]
     benches = [(m["model"], m["cells"]["bench"]) for m in g["models"] if "bench" in m["cells"]]
     if benches:
         lines += ["", "| model | moyu dense tok/s | sketch-reuse 50 % tok/s | speedup vs dense | vs llama.cpp |",
@@ -222,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
     ap.add_argument("--tokens", type=int, default=2048 + 257, help="evaluation tokens per corpus")
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--bench-tokens", type=int, default=128, help="decoded tokens per bench run")
+    ap.add_argument("--bench-runs", type=int, default=3, help="bench rounds (medians are reported)")
     ap.add_argument("--out", default="docs/results/scale")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
     args = ap.parse_args(argv)
