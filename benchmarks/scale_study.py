@@ -32,15 +32,30 @@ from typing import Any, Callable
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
 
-# name in the table/figure -> how to read it from an analyze report (mean over layers)
-STATISTICS: dict[str, Callable[[dict], float]] = {
-    "share of neurons for 90 % of the output": lambda r: r["overactivation"]["mean"]["share_90"],
-    "sparsity at CETT 0.2": lambda r: r["overactivation"]["mean"]["sparsity_at_cett_0.2"],
-    "history Jaccard, natural vs natural (k 0.3)": lambda r: r["history"]["mean"]["0.3"]["cross_natural"],
-    "predictor recall (k 0.3, held out)": lambda r: r["predictor"]["mean"]["0.3"]["recall"],
-    "inertia overlap, natural": lambda r: r["inertia"]["mean"]["overlap_natural"],
-    "inertia overlap, random": lambda r: r["inertia"]["mean"]["overlap_random"],
+# name in the table/figure -> (report section, how to read it from the section's "mean" or
+# from one of its "layers" entries)
+STATISTICS: dict[str, tuple[str, Callable[[dict], float]]] = {
+    "share of neurons for 90 % of the output": ("overactivation", lambda b: b["share_90"]),
+    "same, iid Gaussian reference": ("overactivation", lambda b: b["gaussian_share_90"]),
+    "sparsity at CETT 0.2": ("overactivation", lambda b: b["sparsity_at_cett_0.2"]),
+    "history Jaccard, natural vs natural (k 0.3)": ("history", lambda b: b["0.3"]["cross_natural"]),
+    "predictor recall (k 0.3, held out)": ("predictor", lambda b: b["0.3"]["recall"]),
+    "inertia overlap, natural": ("inertia", lambda b: b["overlap_natural"]),
+    "inertia overlap, random": ("inertia", lambda b: b["overlap_random"]),
 }
+
+
+def statistic(report: dict, name: str) -> float:
+    """The layer mean of statistic ``name`` in an analyze report."""
+    section, f = STATISTICS[name]
+    return f(report[section]["mean"])
+
+
+def statistic_range(report: dict, name: str) -> tuple[float, float]:
+    """The lowest and highest per-layer value of statistic ``name`` (its spread over layers)."""
+    section, f = STATISTICS[name]
+    vals = [f(layer) for layer in report[section]["layers"]]
+    return min(vals), max(vals)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -49,6 +64,11 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def installed_models(wanted: list[str]) -> list[str]:
@@ -98,7 +118,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         write_json(cells / "model.json", {"model": name, "parameters": params,
                                           "model_type": model.config.model_type})
         for cell in todo:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             print(f"== {name}: {cell}", flush=True)
             if cell == "analyze":
                 result = analyze(model, tok).to_dict()
@@ -117,6 +137,9 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
                 result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=args.bench_tokens,
                                runs=args.bench_runs, gguf=str(builtin_gguf(name)))
             result["seconds"] = round(time.perf_counter() - t0, 1)
+            # CPU time of the cell (all threads): on a shared machine, wall time says more about
+            # the neighbours than about the cell
+            result["cpu_seconds"] = round(_cpu_seconds() - c0, 1)
             result["threads"] = torch.get_num_threads()
             # peak resident size of this process so far (Linux: KiB), the load included
             result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -169,12 +192,15 @@ def report(out: Path) -> None:
     if not g["models"]:
         print("no finished cells yet", flush=True)
         return
-    lines = ["| model | parameters | " + " | ".join(STATISTICS) + " | analyze wall s | peak RSS GB |",
-             "|---|---:|" + "---:|" * (len(STATISTICS) + 2)]
+    lines = ["Layer mean of each statistic (lowest-highest layer) from `moyu analyze` with default settings "
+             "on the prose corpus:", "",
+             "| model | parameters | " + " | ".join(STATISTICS) + " | analyze wall s | CPU s | peak RSS GB |",
+             "|---|---:|" + "---:|" * (len(STATISTICS) + 3)]
     for m in g["models"]:
         a = m["cells"].get("analyze")
-        vals = [f"{f(a):.3f}" if a else "-" for f in STATISTICS.values()]
-        vals += [str(a.get(k, "-")) if a else "-" for k in ("seconds", "peak_rss_gb")]
+        vals = [f"{statistic(a, k):.3f} ({'-'.join(f'{v:.2f}' for v in statistic_range(a, k))})" if a else "-"
+                for k in STATISTICS]
+        vals += [str(a.get(k, "-")) if a else "-" for k in ("seconds", "cpu_seconds", "peak_rss_gb")]
         lines.append(f"| {m['model']} | {m['parameters'] / 1e6:.0f} M | " + " | ".join(vals) + " |")
     methods = sorted({c["method"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
     corpora = sorted({c["corpus"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
@@ -217,8 +243,9 @@ def report(out: Path) -> None:
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)),
                              squeeze=False)
     flat = list(axes.flat)
-    for ax, (label, f) in zip(flat, STATISTICS.items()):
-        pts = [(p, f(m["cells"]["analyze"])) for p, m in zip(params, g["models"]) if "analyze" in m["cells"]]
+    for ax, label in zip(flat, STATISTICS):
+        pts = [(p, statistic(m["cells"]["analyze"], label)) for p, m in zip(params, g["models"])
+               if "analyze" in m["cells"]]
         if pts:
             ax.plot(*zip(*pts), "o-")
         ax.set_xscale("log")

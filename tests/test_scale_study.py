@@ -46,3 +46,10 @@ def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
     assert md.count(" [") >= 2          # each ppl change comes with its interval
     rows = json.loads((tmp_path / "scale.json").read_text())["models"][0]["cells"]["sweep-prose-cats"]["rows"]
     assert rows[0]["method"] == "cats" and rows[0]["target"] == 0.5
+
+
+def test_statistic_mean_and_layer_range():
+    name = "share of neurons for 90 % of the output"
+    rep = {"overactivation": {"mean": {"share_90": 0.5}, "layers": [{"share_90": 0.7}, {"share_90": 0.4}]}}
+    assert scale_study.statistic(rep, name) == 0.5
+    assert scale_study.statistic_range(rep, name) == (0.4, 0.7)
