@@ -184,6 +184,15 @@ def _ppl_change_text(cell: dict | None, sparsity: float) -> str:
     return text + (f" [{100 * (ci[0] - 1):+.1f}, {100 * (ci[1] - 1):+.1f}]" if ci else "")
 
 
+def _param_axis(ax, params: list[float]) -> None:
+    """Log x axis with one labelled tick per model (parameters in millions)."""
+    from matplotlib.ticker import NullFormatter
+    ax.set_xscale("log")
+    ax.set_xticks(params)
+    ax.set_xticklabels([f"{p:.0f}M" for p in params], fontsize=7)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def report(out: Path) -> None:
     """Write ``scale.json``, ``scale.md`` and ``scale.png`` from the cells."""
     import matplotlib
@@ -250,7 +259,7 @@ def report(out: Path) -> None:
                if "analyze" in m["cells"]]
         if pts:
             ax.plot(*zip(*pts), "o-")
-        ax.set_xscale("log")
+        _param_axis(ax, params)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("parameters (M)")
     for ax, corpus in zip(flat[len(STATISTICS):], corpora):
@@ -260,8 +269,8 @@ def report(out: Path) -> None:
             pts = [(p, v) for p, v in pts if v is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=x)
-        ax.set_xscale("log")
-        ax.set_yscale("symlog")
+        _param_axis(ax, params)
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"ppl change at 50 % ({corpus}), %", fontsize=9)
         ax.set_xlabel("parameters (M)")
         ax.legend(fontsize=6)
