@@ -16,13 +16,14 @@ each MOYU statistic and each method's perplexity change at 50 % against paramete
 
     python benchmarks/scale_study.py [--models smollm2-135m,...] [--cells analyze,sweep,bench]
         [--corpora prose,code] [--methods ...] [--sparsities 0.3,0.5,0.7] [--tokens 2305]
-        [--out docs/results/scale] [--report]
+        [--calib-tokens 8192] [--bench-tokens 128] [--bench-runs 3] [--out docs/results/scale] [--report]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -31,21 +32,41 @@ from typing import Any, Callable
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
 
-# name in the table/figure -> how to read it from an analyze report (mean over layers)
-STATISTICS: dict[str, Callable[[dict], float]] = {
-    "share of neurons for 90 % of the output": lambda r: r["overactivation"]["mean"]["share_90"],
-    "sparsity at CETT 0.2": lambda r: r["overactivation"]["mean"]["sparsity_at_cett_0.2"],
-    "history Jaccard, natural vs natural (k 0.3)": lambda r: r["history"]["mean"]["0.3"]["cross_natural"],
-    "predictor recall (k 0.3, held out)": lambda r: r["predictor"]["mean"]["0.3"]["recall"],
-    "inertia overlap, natural": lambda r: r["inertia"]["mean"]["overlap_natural"],
-    "inertia overlap, random": lambda r: r["inertia"]["mean"]["overlap_random"],
+# name in the table/figure -> (report section, how to read it from the section's "mean" or
+# from one of its "layers" entries)
+STATISTICS: dict[str, tuple[str, Callable[[dict], float]]] = {
+    "share of neurons for 90 % of the output": ("overactivation", lambda b: b["share_90"]),
+    "same, iid Gaussian reference": ("overactivation", lambda b: b["gaussian_share_90"]),
+    "sparsity at CETT 0.2": ("overactivation", lambda b: b["sparsity_at_cett_0.2"]),
+    "history Jaccard, natural vs natural (k 0.3)": ("history", lambda b: b["0.3"]["cross_natural"]),
+    "predictor recall (k 0.3, held out)": ("predictor", lambda b: b["0.3"]["recall"]),
+    "inertia overlap, natural": ("inertia", lambda b: b["overlap_natural"]),
+    "inertia overlap, random": ("inertia", lambda b: b["overlap_random"]),
 }
+
+
+def statistic(report: dict, name: str) -> float:
+    """The layer mean of statistic ``name`` in an analyze report."""
+    section, f = STATISTICS[name]
+    return f(report[section]["mean"])
+
+
+def statistic_range(report: dict, name: str) -> tuple[float, float]:
+    """The lowest and highest per-layer value of statistic ``name`` (its spread over layers)."""
+    section, f = STATISTICS[name]
+    vals = [f(layer) for layer in report[section]["layers"]]
+    return min(vals), max(vals)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file, then rename)."""
     from moyu.atomic import write_json_atomic
     write_json_atomic(path, obj, indent=1)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def installed_models(wanted: list[str]) -> list[str]:
@@ -70,6 +91,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
     import moyu
     from moyu import data
     from moyu.analysis import analyze
+    from moyu.evaluate import DenseReference
     from moyu.methods import calibrate, calibration_ids
     from moyu.sweep import run_sweep
 
@@ -89,11 +111,12 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         if not todo:
             continue
         model, tok = load(name)
+        ref = DenseReference()   # dense logits shared by every sweep cell of this model
         params = sum(p.numel() for p in model.parameters())
         write_json(cells / "model.json", {"model": name, "parameters": params,
                                           "model_type": model.config.model_type})
         for cell in todo:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             print(f"== {name}: {cell}", flush=True)
             if cell == "analyze":
                 result = analyze(model, tok).to_dict()
@@ -101,17 +124,25 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
                 _, corpus, method = cell.split("-", 2)
                 rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=corpus),
                                  data.tokens(tok, "eval", args.tokens, corpus=corpus),
-                                 [method], args.sparsities)
-                result = {"corpus": corpus, "method": method, "rows": rows}
+                                 [method], args.sparsities, reference=ref)
+                result = {"corpus": corpus, "method": method, "rows": rows,
+                          "tokens": args.tokens, "calib_tokens": args.calib_tokens}
             else:
                 from moyu.bench import bench
                 from moyu.models import builtin_gguf
                 prof = calibrate(model, calibration_ids(tok, args.calib_tokens), method="sketch-reuse",
                                  sparsity=0.5)
-                result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=128,
-                               runs=3, gguf=str(builtin_gguf(name)))
+                result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=args.bench_tokens,
+                               runs=args.bench_runs, gguf=str(builtin_gguf(name)))
+            if "seconds" in result:   # an analyze report's per-stage times: kept under their own key
+                result["stage_seconds"] = result.pop("seconds")
             result["seconds"] = round(time.perf_counter() - t0, 1)
+            # CPU time of the cell (all threads): on a shared machine, wall time says more about
+            # the neighbours than about the cell
+            result["cpu_seconds"] = round(_cpu_seconds() - c0, 1)
             result["threads"] = torch.get_num_threads()
+            # peak resident size of this process so far (Linux: KiB), the load included
+            result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             write_json(cells / f"{cell}.json", result)
         del model, tok
 
@@ -129,11 +160,35 @@ def gather(out: Path) -> dict[str, Any]:
     return {"models": sorted(models, key=lambda m: m["parameters"])}
 
 
-def _ppl_change(cell: dict, sparsity: float) -> float | None:
+def _row(cell: dict, sparsity: float) -> dict | None:
     for r in cell["rows"]:
         if abs(r["target"] - sparsity) < 1e-9:
-            return 100 * (r["ppl"] / r["dense_ppl"] - 1)
+            return r
     return None
+
+
+def _ppl_change(cell: dict, sparsity: float) -> float | None:
+    r = _row(cell, sparsity)
+    return None if r is None else 100 * (r["ppl"] / r["dense_ppl"] - 1)
+
+
+def _ppl_change_text(cell: dict | None, sparsity: float) -> str:
+    """``+1.2 [+0.9, +1.5]``: the change in % with its interval (the paired ppl-ratio CI)."""
+    r = None if cell is None else _row(cell, sparsity)
+    if r is None:
+        return "-"
+    ci = r.get("ppl_ratio_ci")
+    text = f"{100 * (r['ppl'] / r['dense_ppl'] - 1):+.1f}"
+    return text + (f" [{100 * (ci[0] - 1):+.1f}, {100 * (ci[1] - 1):+.1f}]" if ci else "")
+
+
+def _param_axis(ax, params: list[float]) -> None:
+    """Log x axis with one labelled tick per model (parameters in millions)."""
+    from matplotlib.ticker import NullFormatter
+    ax.set_xscale("log")
+    ax.set_xticks(params)
+    ax.set_xticklabels([f"{p:.0f}M" for p in params], fontsize=7)
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def report(out: Path) -> None:
@@ -146,21 +201,37 @@ def report(out: Path) -> None:
     if not g["models"]:
         print("no finished cells yet", flush=True)
         return
-    lines = ["| model | parameters | " + " | ".join(STATISTICS) + " |",
-             "|---|---:|" + "---:|" * len(STATISTICS)]
+    lines = ["Layer mean of each statistic (lowest-highest layer) from `moyu analyze` with default settings "
+             "on the prose corpus:", "",
+             "| model | parameters | " + " | ".join(STATISTICS) + " | analyze wall s | CPU s | peak RSS GB |",
+             "|---|---:|" + "---:|" * (len(STATISTICS) + 3)]
     for m in g["models"]:
         a = m["cells"].get("analyze")
-        vals = [f"{f(a):.3f}" if a else "-" for f in STATISTICS.values()]
+        vals = [f"{statistic(a, k):.3f} ({'-'.join(f'{v:.2f}' for v in statistic_range(a, k))})" if a else "-"
+                for k in STATISTICS]
+        vals += [str(a.get(k, "-")) if a else "-" for k in ("seconds", "cpu_seconds", "peak_rss_gb")]
         lines.append(f"| {m['model']} | {m['parameters'] / 1e6:.0f} M | " + " | ".join(vals) + " |")
     methods = sorted({c["method"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
     corpora = sorted({c["corpus"] for m in g["models"] for k, c in m["cells"].items() if k.startswith("sweep-")})
+    sparsities = sorted({r["target"] for m in g["models"] for k, c in m["cells"].items()
+                         if k.startswith("sweep-") for r in c["rows"]})
     for corpus in corpora:
-        lines += ["", f"Perplexity change at 50 % ({corpus}), % vs dense:", "",
-                  "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-        for m in g["models"]:
-            cells = [m["cells"].get(f"sweep-{corpus}-{x}") for x in methods]
-            vals = [(lambda v: "-" if v is None else f"{v:+.1f}")(_ppl_change(c, 0.5) if c else None) for c in cells]
-            lines.append(f"| {m['model']} | " + " | ".join(vals) + " |")
+        for sp in sparsities:
+            lines += ["", f"Perplexity change at {100 * sp:.0f} % ({corpus}), % vs dense [95 % interval of the "
+                      "paired ppl ratio]:", "",
+                      "| model | dense ppl | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+            for m in g["models"]:
+                cells = [m["cells"].get(f"sweep-{corpus}-{x}") for x in methods]
+                dense = next((r["dense_ppl"] for c in cells if c for r in c["rows"]), None)
+                if all(c is None or _row(c, sp) is None for c in cells):
+                    continue
+                lines.append(f"| {m['model']} | {'-' if dense is None else f'{dense:.2f}'} | "
+                             + " | ".join(_ppl_change_text(c, sp) for c in cells) + " |")
+    protocol = sorted({(c.get("tokens"), c.get("calib_tokens")) for m in g["models"]
+                       for k, c in m["cells"].items() if k.startswith("sweep-")}, key=str)
+    if protocol:
+        lines += ["", "Sweep protocol (evaluation tokens, calibration tokens per corpus): "
+                  + "; ".join(f"{t}, {c}" for t, c in protocol)]
     benches = [(m["model"], m["cells"]["bench"]) for m in g["models"] if "bench" in m["cells"]]
     if benches:
         lines += ["", "| model | moyu dense tok/s | sketch-reuse 50 % tok/s | speedup vs dense | vs llama.cpp |",
@@ -181,11 +252,12 @@ def report(out: Path) -> None:
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)),
                              squeeze=False)
     flat = list(axes.flat)
-    for ax, (label, f) in zip(flat, STATISTICS.items()):
-        pts = [(p, f(m["cells"]["analyze"])) for p, m in zip(params, g["models"]) if "analyze" in m["cells"]]
+    for ax, label in zip(flat, STATISTICS):
+        pts = [(p, statistic(m["cells"]["analyze"], label)) for p, m in zip(params, g["models"])
+               if "analyze" in m["cells"]]
         if pts:
             ax.plot(*zip(*pts), "o-")
-        ax.set_xscale("log")
+        _param_axis(ax, params)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("parameters (M)")
     for ax, corpus in zip(flat[len(STATISTICS):], corpora):
@@ -195,8 +267,8 @@ def report(out: Path) -> None:
             pts = [(p, v) for p, v in pts if v is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=x)
-        ax.set_xscale("log")
-        ax.set_yscale("symlog")
+        _param_axis(ax, params)
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"ppl change at 50 % ({corpus}), %", fontsize=9)
         ax.set_xlabel("parameters (M)")
         ax.legend(fontsize=6)
@@ -220,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
     ap.add_argument("--tokens", type=int, default=2048 + 257, help="evaluation tokens per corpus")
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--bench-tokens", type=int, default=128, help="decoded tokens per bench run")
+    ap.add_argument("--bench-runs", type=int, default=3, help="bench rounds (medians are reported)")
     ap.add_argument("--out", default="docs/results/scale")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
     args = ap.parse_args(argv)

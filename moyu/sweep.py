@@ -28,8 +28,12 @@ CI_COLUMNS = [f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")]
 
 def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor, methods: list[str],
               sparsities: list[float], windows: Windows = Windows(), progress: bool = True,
-              **params: Any) -> list[dict[str, Any]]:
-    """Calibrate and evaluate every (method, sparsity); returns one row per point."""
+              reference: DenseReference | None = None, **params: Any) -> list[dict[str, Any]]:
+    """Calibrate and evaluate every (method, sparsity); returns one row per point.
+
+    ``reference``: dense logits to share with other sweeps of the same model and text
+    (each dense window is then computed once per process, not once per sweep).
+    """
     import time
 
     from tqdm import tqdm
@@ -40,7 +44,7 @@ def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
         get_method(m).check(model)
     for s in sparsities:
         check_sparsity(s)
-    ref = DenseReference()
+    ref = reference if reference is not None else DenseReference()
     rows = []
     points = [(m, s) for m in methods for s in sparsities]
     bar = tqdm(points, desc="sweep", disable=not progress)

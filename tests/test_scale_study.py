@@ -27,7 +27,7 @@ def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
     from moyu.evaluate import Windows
     import moyu.sweep as sweep
     real = sweep.run_sweep
-    sweep.run_sweep = lambda *a, **k: real(*a, windows=Windows(prompt=16, scored=16), progress=False)
+    sweep.run_sweep = lambda *a, **k: real(*a, **{**k, "windows": Windows(prompt=16, scored=16), "progress": False})
     try:
         scale_study.run_cells(args, load=load)
         cells = tmp_path / "cells" / "tiny"
@@ -41,6 +41,15 @@ def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
         sweep.run_sweep = real
     scale_study.report(tmp_path)
     md = (tmp_path / "scale.md").read_text()
-    assert "| cats | sketch |" in md and (tmp_path / "scale.png").stat().st_size > 0
+    assert "| dense ppl | cats | sketch |" in md and (tmp_path / "scale.png").stat().st_size > 0
+    assert "Sweep protocol (evaluation tokens, calibration tokens per corpus): 600, 600" in md
+    assert md.count(" [") >= 2          # each ppl change comes with its interval
     rows = json.loads((tmp_path / "scale.json").read_text())["models"][0]["cells"]["sweep-prose-cats"]["rows"]
     assert rows[0]["method"] == "cats" and rows[0]["target"] == 0.5
+
+
+def test_statistic_mean_and_layer_range():
+    name = "share of neurons for 90 % of the output"
+    rep = {"overactivation": {"mean": {"share_90": 0.5}, "layers": [{"share_90": 0.7}, {"share_90": 0.4}]}}
+    assert scale_study.statistic(rep, name) == 0.5
+    assert scale_study.statistic_range(rep, name) == (0.4, 0.7)
