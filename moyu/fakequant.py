@@ -12,7 +12,8 @@ HF linear compute what the runtime's kernel computes:
 * for block-quantized formats, the input of every row-major matrix is rounded the way the
   integer kernels quantize it (int8 blocks of 32, one scale each); the ``down`` projection
   takes its input in float32 (its kernel accumulates ``a_i * row_i``);
-* a tied embedding returns rows of the quantized head, as the runtime does.
+* a tied embedding returns rows of the quantized head, as the runtime does; an untied one
+  rows of its own table rounded in the head's format (the runtime stores it that way).
 
 Rounding is bit-for-bit the runtime's, in prefill and decode alike; only float summation
 order differs (tested: logits agree to ~1e-7 where the formats move them by ~1e-2, unless a
@@ -97,8 +98,9 @@ class QuantizedWeights:
         self._plan.append((head, self._linear(hq, getattr(head, "bias", None), round_in)))
         if emb.weight.data_ptr() == head.weight.data_ptr():
             self._plan.append((emb, self._embedding(emb, hq)))
-        elif not self.fmt.quantized:   # the runtime keeps an untied table at the float format
-            self._plan.append((emb, self._embedding(emb, _round_weight(emb.weight, self.fmt, False))))
+        else:   # the runtime keeps an untied table at the float format, or the head's block format
+            fmt = self.fmt.for_role("head") if self.fmt.quantized else self.fmt
+            self._plan.append((emb, self._embedding(emb, _round_weight(emb.weight, fmt, False))))
 
     @staticmethod
     def _linear(wq: Tensor, bias: Tensor | None, round_in: bool):

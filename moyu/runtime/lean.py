@@ -114,6 +114,8 @@ class LeanModel:
             flat.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt)
             if tied:  # one table: the packed lm_head serves the embedding lookups too
                 flat.embed = None
+            elif fmt.quantized:   # an untied table in the head's format, rows widened per lookup
+                flat.embed = DenseLinear(flat.embed, None, head_fmt)
             elif fmt.dtype != torch.float32:
                 flat.embed = flat.embed.to(fmt.dtype)
         return cls(flat, max_seq, fmt)
@@ -170,7 +172,10 @@ class LeanModel:
     # ----------------------------------------------------------------- pieces
     def _embed(self, ids: Tensor, pos0: int) -> Tensor:
         s = self.flat
-        h = s.lm_head.rows(ids) if s.embed is None else F.embedding(ids, s.embed).float()
+        if s.embed is None or isinstance(s.embed, DenseLinear):
+            h = (s.lm_head if s.embed is None else s.embed).rows(ids)
+        else:
+            h = F.embedding(ids, s.embed).float()
         if s.embed_scale != 1.0:
             h = h * s.embed_scale
         if s.project_in is not None:
