@@ -79,8 +79,9 @@ struct Ahead {
 // mins. Spread over a pass like this, the reads of the next rows overlap the arithmetic on
 // these: with G rows read 32 bytes at a time the hardware prefetcher alone does not keep
 // enough lines in flight. Codes go to L2 (locality hint 2): into L1 they were ~1.5x slower,
-// likely because the few L1 miss buffers fill up (int8 down rows from DRAM, 2 threads:
-// 73 us without prefetching, 52 us into L1, 35 us into L2; benchmarks/bench_quant_kernels.py).
+// likely because the few L1 miss buffers fill up (int8 down rows from DRAM, 2 threads, a
+// development probe: 73 us without prefetching, 52 us into L1, 35 us into L2;
+// benchmarks/bench_quant_kernels.py times the kernels with and without it).
 template <bool Q4>
 __attribute__((always_inline)) inline void prefetch_block(const QM& w, const Ahead& next, int64_t b) {
   constexpr int64_t bpb = Q4 ? kBlk / 2 : kBlk;  // code bytes per block
@@ -899,13 +900,15 @@ struct MlpArgs {
   const float* down_norm;  // [d_ff] or null (act mode: |a_i| * down_norm_i > tau)
 };
 
-// The rule on gated neuron i from its gate and up dot products: a_i in *coef, and whether
-// the mode keeps it.
-inline bool gated_rule(const MlpArgs& a, int64_t i, float gate, float up, float* coef) {
-  const int64_t r0 = i * 2;
-  const float g = activate(gate + (a.b_in ? a.b_in[r0] : 0.0f), a.act);
-  if (a.mode == kGateMode && !(std::fabs(g) > a.tau)) return false;
-  *coef = g * (up + (a.b_in ? a.b_in[r0 + 1] : 0.0f));
+// act(gate + bias) of gated neuron i from its gate dot product.
+inline float gate_act(const MlpArgs& a, int64_t i, float gate) {
+  return activate(gate + (a.b_in ? a.b_in[2 * i] : 0.0f), a.act);
+}
+
+// a_i = g * (up + bias) of gated neuron i from g = gate_act and its up dot product, and
+// whether the act mode keeps it (the gate mode has decided before up is read).
+inline bool gated_coef(const MlpArgs& a, int64_t i, float g, float up, float* coef) {
+  *coef = g * (up + (a.b_in ? a.b_in[2 * i + 1] : 0.0f));
   if (a.mode == kActMode) return std::fabs(*coef) * (a.down_norm ? a.down_norm[i] : 1.0f) > a.tau;
   return true;
 }
@@ -915,16 +918,13 @@ inline bool gated_rule(const MlpArgs& a, int64_t i, float gate, float up, float*
 __attribute__((noinline)) bool neuron(const MlpArgs& a, const XQ& x, int64_t i, float* coef, bool gate_only) {
   const int64_t r0 = i * a.r;
   if (a.r == 2) {
-    const float gate = a.kin.dot(a.win, r0, x);
+    const float g = gate_act(a, i, a.kin.dot(a.win, r0, x));
     if (gate_only) {
-      *coef = activate(gate + (a.b_in ? a.b_in[r0] : 0.0f), a.act);
+      *coef = g;
       return true;
     }
-    if (a.mode == kGateMode) {   // up only for neurons the gate keeps
-      const float g = activate(gate + (a.b_in ? a.b_in[r0] : 0.0f), a.act);
-      if (!(std::fabs(g) > a.tau)) return false;
-    }
-    return gated_rule(a, i, gate, a.kin.dot(a.win, r0 + 1, x), coef);
+    if (a.mode == kGateMode && !(std::fabs(g) > a.tau)) return false;   // up only if the gate keeps it
+    return gated_coef(a, i, g, a.kin.dot(a.win, r0 + 1, x), coef);
   }
   *coef = activate(a.kin.dot(a.win, r0, x) + (a.b_in ? a.b_in[r0] : 0.0f), a.act);
   if (gate_only) return true;
@@ -938,8 +938,8 @@ __attribute__((noinline)) bool neuron(const MlpArgs& a, const XQ& x, int64_t i, 
 inline void neuron_pair(const MlpArgs& a, const XQ& x, int64_t i, float* coef, bool* keep) {
   float v[4];
   a.kin.dot4(a.win, i * 2, x, v);
-  keep[0] = gated_rule(a, i, v[0], v[1], coef);
-  keep[1] = gated_rule(a, i + 1, v[2], v[3], coef + 1);
+  keep[0] = gated_coef(a, i, gate_act(a, i, v[0]), v[1], coef);
+  keep[1] = gated_coef(a, i + 1, gate_act(a, i + 1, v[2]), v[3], coef + 1);
 }
 
 MlpArgs mlp_args(int64_t fmt_in, const at::Tensor& qs_in, const at::Tensor& d_in, const c10::optional<at::Tensor>& m_in,
@@ -1087,7 +1087,8 @@ at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& q
 class Plan {
  public:
   Plan(int64_t d, int64_t heads, int64_t n_kv, int64_t head_dim)
-      : d_(d), heads_(heads), n_kv_(n_kv), hd_(head_dim) {
+      : d_(d), heads_(heads), n_kv_(n_kv), hd_(head_dim), x_(d), y_(d), qkv_((heads + 2 * n_kv) * head_dim),
+        att_(heads * head_dim) {
     TORCH_CHECK(d > 0 && heads > 0 && n_kv > 0 && head_dim > 0 && heads % n_kv == 0, "Plan: bad shape");
   }
 
@@ -1167,7 +1168,6 @@ class Plan {
     TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == d_, "Plan.step: h must be float32 [",
                 d_, "]");
     const int64_t qn = heads_ * hd_, kn = n_kv_ * hd_;
-    std::vector<float> x(d_), y(d_), qkv((heads_ + 2 * n_kv_) * hd_), att(qn);
     at::Tensor kept = at::empty({static_cast<int64_t>(layers_.size())}, at::kLong);
     int64_t* kp = kept.data_ptr<int64_t>();
     float* hp = h.data_ptr<float>();
@@ -1181,26 +1181,26 @@ class Plan {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       TORCH_CHECK(pos >= 0 && pos < L.S, "Plan.step: position ", pos, " outside the cache (", L.S, ")");
-      rms(hp, L.ln1, d_, L.eps1, x.data());
-      matvec_all(L.qkv, x.data(), L.b_qkv, qkv.data());
+      rms(hp, L.ln1, d_, L.eps1, x_.data());
+      matvec_all(L.qkv, x_.data(), L.b_qkv, qkv_.data());
       if (L.qn) {   // per-head norms of q and k (in place), before RoPE
-        for (int64_t j = 0; j < heads_; ++j) rms(qkv.data() + j * hd_, L.qn, hd_, L.eps_qk, qkv.data() + j * hd_);
-        for (int64_t j = 0; j < n_kv_; ++j) rms(qkv.data() + qn + j * hd_, L.kn, hd_, L.eps_qk, qkv.data() + qn + j * hd_);
+        for (int64_t j = 0; j < heads_; ++j) rms(qkv_.data() + j * hd_, L.qn, hd_, L.eps_qk, qkv_.data() + j * hd_);
+        for (int64_t j = 0; j < n_kv_; ++j) rms(qkv_.data() + qn + j * hd_, L.kn, hd_, L.eps_qk, qkv_.data() + qn + j * hd_);
       }
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
       AttnArgs a{L.kc, L.vc, L.S, hd_, n_kv_, heads_, pos, lo, L.cos ? L.cos + pos * L.half : nullptr,
                  L.sin ? L.sin + pos * L.half : nullptr, L.half, L.scale, L.cap};
       float* scr = scratch<float, 20>(qn + heads_ * (pos - lo + 1));
-      attend(a, qkv.data(), qkv.data() + qn, qkv.data() + qn + kn, att.data(), scr);
-      matvec_all(L.o, att.data(), L.b_o, y.data());
-      if (L.ln_ao) rms(y.data(), L.ln_ao, d_, L.eps_ao, y.data());
-      for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
-      rms(hp, L.ln2, d_, L.eps2, x.data());
-      std::vector<XQ>& xq = quantize_rows(x.data(), 1, d_, L.mlp.win.nb);
+      attend(a, qkv_.data(), qkv_.data() + qn, qkv_.data() + qn + kn, att_.data(), scr);
+      matvec_all(L.o, att_.data(), L.b_o, y_.data());
+      if (L.ln_ao) rms(y_.data(), L.ln_ao, d_, L.eps_ao, y_.data());
+      for (int64_t i = 0; i < d_; ++i) hp[i] += y_[i];
+      rms(hp, L.ln2, d_, L.eps2, x_.data());
+      std::vector<XQ>& xq = quantize_rows(x_.data(), 1, d_, L.mlp.win.nb);
       const List all = index_list(c10::nullopt, L.mlp.wdt.rows, false);
-      kp[li] = mlp_row(L.mlp, all, xq[0], L.b_down, y.data());
-      if (L.ln_mo) rms(y.data(), L.ln_mo, d_, L.eps_mo, y.data());
-      for (int64_t i = 0; i < d_; ++i) hp[i] += y[i];
+      kp[li] = mlp_row(L.mlp, all, xq[0], L.b_down, y_.data());
+      if (L.ln_mo) rms(y_.data(), L.ln_mo, d_, L.eps_mo, y_.data());
+      for (int64_t i = 0; i < d_; ++i) hp[i] += y_[i];
     }
     return kept;
   }
@@ -1228,6 +1228,7 @@ class Plan {
   }
 
   int64_t d_, heads_, n_kv_, hd_;
+  std::vector<float> x_, y_, qkv_, att_;   // one token's activations, reused (steps run one at a time)
   std::vector<Layer> layers_;
   std::vector<at::Tensor> keep_;
 };
