@@ -98,9 +98,8 @@ class QuantizedWeights:
         self._plan.append((head, self._linear(hq, getattr(head, "bias", None), round_in)))
         if emb.weight.data_ptr() == head.weight.data_ptr():
             self._plan.append((emb, self._embedding(emb, hq)))
-        else:   # the runtime keeps an untied table at the float format, or the head's block format
-            fmt = self.fmt.for_role("head") if self.fmt.quantized else self.fmt
-            self._plan.append((emb, self._embedding(emb, _round_weight(emb.weight, fmt, False))))
+        else:   # the runtime stores an untied table in the head's format too
+            self._plan.append((emb, self._embedding(emb, _round_weight(emb.weight, self.fmt.for_role("head"), False))))
 
     @staticmethod
     def _linear(wq: Tensor, bias: Tensor | None, round_in: bool):

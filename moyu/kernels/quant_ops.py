@@ -38,7 +38,9 @@ ISAS: tuple[str, ...] = ("scalar", "avx2", "avx512")
 """C++ code paths, narrowest first (``avx512`` needs AVX-512 F/BW/VL + VNNI)."""
 
 _ENV_ISA = "MOYU_QUANT_ISA"
-_MODES = {"gate": 1, "act": 2}
+MODES: dict[str, int] = {"all": 0, "gate": 1, "act": 2}
+"""Neuron rules of the fused MLP kernels: every neuron, ``|act(gate)| > tau``, or
+``|a_i| * down_norm_i > tau`` (the C++ ``Mode`` ids)."""
 _impl: ModuleType | None = None
 _name: str | None = None
 _lock = threading.Lock()
@@ -148,7 +150,7 @@ def q_mlp(x: Tensor, q: QuantMLP, idx: Tensor | None = None, out: Tensor | None 
     bu_i)`` (gated) or ``act(u_i + bu_i)``; ``g_i, u_i`` are integer dot products of the
     quantized rows with the quantized ``x``. Reads only the listed neurons' rows.
     """
-    return _mlp(x, q, idx, 0, 0.0, None, out)[0]
+    return _mlp(x, q, idx, MODES["all"], 0.0, None, out)[0]
 
 
 def q_mlp_threshold(x: Tensor, q: QuantMLP, tau: float, mode: str = "gate",
@@ -157,9 +159,9 @@ def q_mlp_threshold(x: Tensor, q: QuantMLP, tau: float, mode: str = "gate",
     every gate row, up and down rows only for the kept; plain MLPs threshold
     ``|act(u_i)|``); ``mode="act"`` keeps ``|a_i| > tau`` (gate and up rows read for
     every neuron, down rows for the kept). Returns ``(y, n_kept)``."""
-    if mode not in _MODES:
+    if mode not in ("gate", "act"):
         raise ValueError(f"unknown threshold mode '{mode}': expected 'gate' or 'act'")
-    return _mlp(x, q, None, _MODES[mode], tau, None, out)
+    return _mlp(x, q, None, MODES[mode], tau, None, out)
 
 
 def q_sketch_mlp(x: Tensor, q: QuantMLP, down_norm: Tensor, tau: float,
@@ -168,7 +170,7 @@ def q_sketch_mlp(x: Tensor, q: QuantMLP, down_norm: Tensor, tau: float,
     gate/up rows, kept when ``|a_i| * down_norm[i] > tau``, then only the kept neurons'
     down rows. ``down_norm`` is float32 ``[d_ff]`` (e.g. :meth:`QuantMLP.down_norm`).
     Returns ``(y, n_kept)`` (kept neurons summed over the rows of ``x``)."""
-    return _mlp(x, q, None, _MODES["act"], tau, down_norm, out)
+    return _mlp(x, q, None, MODES["act"], tau, down_norm, out)
 
 
 def q_mlp_act(x: Tensor, q: QuantMLP, gate_only: bool = False) -> Tensor:

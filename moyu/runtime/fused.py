@@ -7,8 +7,7 @@ none, o, residuals; Llama, Qwen2, Mistral, SmolLM ...; Gemma 2/3's output and q/
 too) with int8/int4 weights, a
 :class:`~moyu.kernels.quant_ops` ``Plan`` runs every layer of a token in one call, on the
 very kernels the per-op path calls. Anything else (other norms or quirks, a method without
-a fused MLP, float weights, the PyTorch fallback) keeps the per-op loop: :func:`build_plan`
-returns None and says why in :func:`why_not`.
+a fused MLP, float weights, the PyTorch fallback) keeps the per-op loop, and :func:`why_not` says why.
 """
 from __future__ import annotations
 
@@ -25,12 +24,9 @@ class FusedMLP:
     """What a fused decode loop needs to run an MLP step: its quantized weights and rule."""
 
     packed: object            # moyu.kernels.quant.QuantMLP
-    mode: int                 # 0 every neuron, 1 |act(gate)| > tau, 2 |a_i| * down_norm_i > tau
+    mode: str                 # a rule of moyu.kernels.quant_ops.MODES: "all", "gate" or "act"
     tau: float = 0.0
     down_norm: Tensor | None = None
-
-
-MODES = {"all": 0, "gate": 1, "act": 2}
 
 
 def _quant_linear(step) -> bool:
@@ -79,10 +75,9 @@ def _norm_args(norm: Norm | None) -> tuple:
     return (None, 0.0) if norm is None else (norm.weight, norm.eps)
 
 
-def build_plan(flat: FlatModel, caches: list[tuple[Tensor, Tensor]], quantized: bool):
-    """A C++ ``Plan`` over every layer of ``flat`` writing into ``caches``, or None."""
-    if why_not(flat, quantized) is not None:
-        return None
+def build_plan(flat: FlatModel, caches: list[tuple[Tensor, Tensor]]):
+    """A C++ ``Plan`` over every layer of ``flat`` writing into ``caches``; only for a model
+    :func:`why_not` accepts."""
     from ..kernels import quant_ops
     plan = quant_ops._backend().Plan(flat.d, flat.n_heads, flat.n_kv, flat.head_dim)
     for L, (kc, vc) in zip(flat.layers, caches):
@@ -99,7 +94,7 @@ def build_plan(flat: FlatModel, caches: list[tuple[Tensor, Tensor]], quantized: 
         plan.add_layer(L.ln_attn.weight, L.ln_attn.eps, L.ln_mlp.weight, L.ln_mlp.eps,
                        qkv.q.fmt_id, qs1, d1, m1, qkv.bias, o.q.fmt_id, qs2, d2, m2, o.bias,
                        fi, qi, di, mi, fd, qd, dd, md, q.b_in, q.b_down, q.act_id,
-                       f.mode, float(f.tau), f.down_norm, kc, vc, cos, sin,
+                       quant_ops.MODES[f.mode], float(f.tau), f.down_norm, kc, vc, cos, sin,
                        int(L.window or 0), float(L.scale), float(L.softcap or 0.0),
                        *_norm_args(L.ln_attn_out), *_norm_args(L.ln_mlp_out),
                        *((L.q_norm.weight, L.k_norm.weight, L.q_norm.eps) if L.q_norm is not None else (None, None, 0.0)))

@@ -80,6 +80,7 @@ class LeanModel:
         self.pos = 0
         self.fused = True
         self._plan = False   # built at the first decode step (False: not tried yet)
+        self._unfused_reason: str | None = None
 
     @classmethod
     def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
@@ -158,24 +159,23 @@ class LeanModel:
         this model and format run per op (``fused_reason`` says why). Set ``fused = False``
         to decode per op anyway (the two give the same tokens; tested)."""
         if self._plan is False:
-            from .fused import build_plan
-            self._plan = build_plan(self.flat, self._kv, self.fmt.quantized)
+            from .fused import build_plan, why_not
+            self._unfused_reason = why_not(self.flat, self.fmt.quantized)
+            self._plan = None if self._unfused_reason else build_plan(self.flat, self._kv)
         return self._plan
 
     @property
     def fused_reason(self) -> str | None:
         """Why decoding runs per op rather than fused, or None when it runs fused."""
-        from .fused import why_not
-        return None if self.fused and self.plan is not None else (
-            "turned off (fused = False)" if not self.fused else why_not(self.flat, self.fmt.quantized))
+        if not self.fused:
+            return "turned off (fused = False)"
+        return None if self.plan is not None else self._unfused_reason
 
     # ----------------------------------------------------------------- pieces
     def _embed(self, ids: Tensor, pos0: int) -> Tensor:
         s = self.flat
-        if s.embed is None or isinstance(s.embed, DenseLinear):
-            h = (s.lm_head if s.embed is None else s.embed).rows(ids)
-        else:
-            h = F.embedding(ids, s.embed).float()
+        table = s.lm_head if s.embed is None else s.embed
+        h = table.rows(ids) if isinstance(table, DenseLinear) else F.embedding(ids, table).float()
         if s.embed_scale != 1.0:
             h = h * s.embed_scale
         if s.project_in is not None:

@@ -92,8 +92,8 @@ class ThresholdStep(DenseMLPStep):
         """The CATS rule in the fused decode loop (quantized weights only)."""
         if not self.fmt.quantized:
             return None
-        from .fused import MODES, FusedMLP
-        return FusedMLP(self.sparse, MODES[self.mode], self.tau)
+        from .fused import FusedMLP
+        return FusedMLP(self.sparse, self.mode, self.tau)
 
     def decode(self, x: Tensor) -> Tensor:
         y, kept = self.kernels.threshold(x, self.sparse, self.tau, mode=self.mode)
@@ -137,8 +137,8 @@ class SketchStep(DenseMLPStep):
         """The sketch rule in the fused decode loop (quantized weights only)."""
         if not self.fmt.quantized:
             return None
-        from .fused import MODES, FusedMLP
-        return FusedMLP(self.packed, MODES["act"], self.tau, self.down_norm)
+        from .fused import FusedMLP
+        return FusedMLP(self.packed, "act", self.tau, self.down_norm)
 
     @property
     def nbytes(self) -> int:

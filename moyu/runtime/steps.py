@@ -183,7 +183,7 @@ class DenseMLPStep:
         if type(self) is not DenseMLPStep or not self.fmt.quantized:
             return None
         from .fused import FusedMLP
-        return FusedMLP(self.packed, 0)
+        return FusedMLP(self.packed, "all")
 
     def count(self, kept: int) -> None:
         """Record one decode call that computed ``kept`` neurons."""
