@@ -427,6 +427,9 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=768, help="eval tokens streamed for over-activation")
     p.add_argument("--histories", type=int, default=8, help="histories per probe (half natural, half random)")
     p.add_argument("--first-n", type=int, default=16, help="tokens whose activations choose the inertia set")
+    p.add_argument("--prompt-n", type=int, default=256,
+                   help="second inertia run: the set chosen from a prompt this long (the sequence "
+                        "methods' prompt length; 0 skips it)")
     p.add_argument("--rank", type=int, default=32, help="rank of the hidden-state predictor")
     p.add_argument("--k", default="0.1,0.3,0.5", help="top-k ratios for set overlaps")
     p.add_argument("--seed", type=int, default=0)
@@ -442,7 +445,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError:
         raise MoyuError(f"--k must be comma-separated ratios like 0.1,0.3,0.5, got '{args.k}'") from None
     cfg = AnalyzeConfig(tokens=args.tokens, histories=args.histories, first_n=args.first_n,
-                        rank=args.rank, ks=ks, seed=args.seed, corpus=args.corpus)
+                        prompt_n=args.prompt_n, rank=args.rank, ks=ks, seed=args.seed, corpus=args.corpus)
     earlier = [r for d in args.compare for r in load_reports(d)]
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [args.model]
     reports = []

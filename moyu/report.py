@@ -20,6 +20,10 @@ from pathlib import Path
 from .errors import MoyuError
 
 
+def _k03(row: dict) -> dict:
+    return row.get("0.3", next(iter(row.values())))
+
+
 def check_out(out: str | Path) -> Path:
     """Fail early, in one line, if ``out`` cannot be created (before minutes of analysis)."""
     p = Path(out).expanduser().resolve()
@@ -149,8 +153,8 @@ def _compare_figure(reps: list[dict], folder: Path) -> str:
     panels = [
         ("share of neurons for 90 % mass", lambda r: [x["share_90"] for x in r["overactivation"]["layers"]]),
         ("sparsity at CETT 0.2", lambda r: [x["sparsity_at_cett_0.2"] for x in r["overactivation"]["layers"]]),
-        ("Jaccard across histories (k=0.3)",
-         lambda r: [x.get("0.3", next(iter(x.values())))["cross_history"] for x in r["history"]["layers"]]),
+        ("Jaccard across natural histories (k=0.3)",
+         lambda r: [_k03(x).get("cross_natural", _k03(x)["cross_history"]) for x in r["history"]["layers"]]),
         ("predictor recall (k=0.3)",
          lambda r: [x.get("0.3", next(iter(x.values())))["recall"] for x in r["predictor"]["layers"]]),
         ("inertia overlap: natural", lambda r: [x["overlap_natural"] for x in r["inertia"]["layers"]]),

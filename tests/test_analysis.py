@@ -19,7 +19,7 @@ from moyu.tiny import tiny_model
 
 SMALL = dict(tokens=128, window=64, cett_tokens=16, cett_grid=10, histories=4, history_len=16,
              probes=1, probe_len=8, predictor_tokens=128, predictor_eval=64, inertia_seqs=3,
-             inertia_len=40, first_n=8, consistency_seqs=2, consistency_len=8)
+             inertia_len=40, first_n=8, prompt_n=24, consistency_seqs=2, consistency_len=8)
 
 
 def _ids(seed: int, n: int) -> torch.Tensor:
@@ -68,6 +68,12 @@ def test_ranges_and_sanity(reports, mt):
     for row in r.inertia["layers"]:
         assert 0 <= row["overlap_natural"] <= 1 and 0 <= row["overlap_random"] <= 1
         assert row["semantic_irrelevant"] == (row["overlap_random"] >= row["overlap_natural"] - 0.05)
+    fp = r.inertia["from_prompt"]          # the set chosen from a whole prompt, as GRIFFIN/TDA do
+    assert fp["first_n"] == 24 and fp["length"] == 24 + 40 - 8 and len(fp["layers"]) == len(r.inertia["layers"])
+    assert all(0 <= row["overlap_natural"] <= 1 for row in fp["layers"])
+    assert fp["mean"]["overlap_natural"] != r.inertia["mean"]["overlap_natural"]
+    for v in r.history["mean"].values():
+        assert 0 <= v["cross_mixed"] <= 1 and v["cross_natural"] is not None
     assert r.consistency["max_rel_diff"] < 1e-4
     assert r.consistency["min_topk_jaccard"] > 0.99
     assert [c["id"] for c in r.claims] == [c["id"] for c in claims(r)]
@@ -198,3 +204,31 @@ def test_real_default_model_small(tmp_path):
     assert r.n_layers == 30 and r.gated
     assert r.consistency["max_rel_diff"] < 1e-3
     assert all(v["same_history"] == 1.0 for row in r.history["layers"] for v in row.values())
+
+
+def test_long_prompt_inertia_can_be_skipped_and_is_checked():
+    r = analyze(tiny_model("llama", seed=2), None, AnalyzeConfig(**{**SMALL, "prompt_n": 0}),
+                eval_ids=_ids(1, 2000), calib_ids=_ids(2, 1000), progress=False)
+    assert "from_prompt" not in r.inertia
+    with pytest.raises(MoyuError, match="--prompt-n 8 must be longer than --first-n 8"):
+        AnalyzeConfig(**{**SMALL, "prompt_n": 8}).validate(64)
+    with pytest.raises(MoyuError, match="--prompt-n 300 needs 332 positions, the model has 256"):
+        analyze(tiny_model("llama"), None, AnalyzeConfig(**{**SMALL, "prompt_n": 300}),
+                eval_ids=_ids(1, 3000), calib_ids=_ids(2, 1000), progress=False)
+
+
+def test_analysis_bos_follows_the_tokenizer_rule():
+    """Analysis windows start like evaluation windows: BOS only where the tokenizer adds one."""
+    from moyu.analysis.common import bos_prefix
+    model = tiny_model("llama")
+    model.config.bos_token_id = 1
+    assert bos_prefix(model, None).tolist() == []          # SmolLM2-like: nothing recorded
+    model.moyu_bos = 1                                      # Gemma-like: load() recorded a BOS
+    assert bos_prefix(model, None).tolist() == [1]
+
+    class Tok:   # a tokenizer with a BOS id that does not add it (SmolLM2's)
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return type("E", (), {"input_ids": [5]})()
+    assert bos_prefix(model, Tok()).tolist() == []

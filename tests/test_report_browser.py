@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (a
 
 SMALL = dict(tokens=128, window=64, cett_tokens=8, cett_grid=8, histories=4, history_len=12,
              probes=1, probe_len=6, predictor_tokens=96, predictor_eval=48, inertia_seqs=2,
-             inertia_len=32, first_n=6, consistency_seqs=1, consistency_len=6)
+             inertia_len=32, first_n=6, prompt_n=12, consistency_seqs=1, consistency_len=6)
 
 
 def _dump(html: Path) -> tuple[str, str]:

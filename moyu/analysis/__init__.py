@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import MoyuError
-from .common import (AnalyzeConfig, Spans, bos_prefix, calib_needed, eval_needed, layers_of,
-                     make_spans, steady_allocator)
+from .common import (AnalyzeConfig, Spans, bos_prefix, calib_needed, eval_needed, layers_of, make_spans,
+                     prompt_seq_len, steady_allocator)
 from .consistency import parallel_vs_sequential
 from .history import history_uncertainty, predictor_recall
 from .inertia import inertia
@@ -95,11 +95,16 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
         calib_ids = data.tokens(tok, "calib", calib_needed(cfg), corpus=cfg.corpus)
     vocab, avoid = _vocab(model, tok)
     bos = bos_prefix(model, tok)
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if ctx and cfg.prompt_n and prompt_seq_len(cfg) + len(bos) > ctx:
+        raise MoyuError(f"--prompt-n {cfg.prompt_n} needs {prompt_seq_len(cfg) + len(bos)} positions, the "
+                        f"model has {ctx}: pass --prompt-n <= {ctx - len(bos) - cfg.inertia_len + cfg.first_n} "
+                        "(or 0)")
     sp: Spans = make_spans(cfg, eval_ids, calib_ids, vocab, bos, avoid)
 
     total = (math.ceil(cfg.tokens / cfg.window) + cfg.probes
              + math.ceil(cfg.predictor_tokens / cfg.window) + math.ceil(cfg.predictor_eval / cfg.window)
-             + 2 * math.ceil(cfg.inertia_seqs / 3) + 1)
+             + (4 if cfg.prompt_n else 2) * math.ceil(cfg.inertia_seqs / 3) + 1)
     bar = tqdm(total=total, desc="moyu analyze", disable=not progress, unit="step")
     seconds: dict[str, float] = {}
 
@@ -117,7 +122,8 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
         hist = stage("history", lambda: history_uncertainty(
             model, sp.probes, sp.natural_histories, sp.random_histories, cfg, bos, tick))
         pred = stage("predictor", lambda: predictor_recall(model, sp.pred_train, sp.pred_eval, cfg, bos, tick))
-        iner = stage("inertia", lambda: inertia(model, sp.inertia_natural, sp.inertia_random, cfg, bos, tick))
+        iner = stage("inertia", lambda: inertia(model, sp.inertia_natural, sp.inertia_random, cfg, bos, tick,
+                                                sp.prompt_natural, sp.prompt_random))
         cons = stage("consistency", lambda: parallel_vs_sequential(model, sp.consistency, bos))
         tick()
     finally:
@@ -130,6 +136,15 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
                  inertia=iner, consistency=cons, seconds=seconds)
     rep.claims = claims(rep)
     return rep
+
+
+def _from_prompt(ine: dict) -> str:
+    fp = ine.get("from_prompt")
+    if not fp:
+        return ""
+    m = fp["mean"]
+    return (f"; chosen from a {fp['first_n']}-token prompt (as GRIFFIN/TDA choose): "
+            f"{m['overlap_natural']:.1%} natural vs {m['overlap_random']:.1%} random")
 
 
 def _verdict(ok: bool, partly: bool = False) -> str:
@@ -159,11 +174,12 @@ def claims(rep: Report) -> list[dict]:
          "rule": "supported if natural sparsity < 10 %",
          "verdict": _verdict(o["natural_sparsity"] < 0.1), "figure": "activation_hist.png"},
         {"id": "history", "claim": "History-related uncertainty: the same token activates different neurons after different histories",
-         "measured": (f"top-{float(k):.0%} sets of the same probe token: Jaccard {h[k]['cross_history']:.3f} across "
-                      f"histories vs {h[k]['same_history']:.3f} for the same history and "
+         "measured": (f"top-{float(k):.0%} sets of the same probe token: Jaccard {h[k]['cross_natural']:.3f} "
+                      f"across natural histories ({h[k]['cross_mixed']:.3f} natural vs random-token "
+                      f"histories) vs {h[k]['same_history']:.3f} for the same history and "
                       f"{h[k]['unrelated']:.3f} for unrelated tokens"),
-         "rule": "supported if cross-history Jaccard < 0.9 while same-history = 1",
-         "verdict": _verdict(h[k]["cross_history"] < 0.9 and h[k]["same_history"] == 1.0),
+         "rule": "supported if the natural-vs-natural Jaccard < 0.9 while same-history = 1",
+         "verdict": _verdict(h[k]["cross_natural"] < 0.9 and h[k]["same_history"] == 1.0),
          "figure": "history.png"},
         {"id": "predictor", "claim": "A predictor that sees only the current hidden state (Deja Vu) misses active neurons",
          "measured": (f"rank-{rep.predictor['rank']} predictor recovers {p[k]['recall']:.1%} of the true top-"
@@ -174,7 +190,7 @@ def claims(rep: Report) -> list[dict]:
          "measured": (f"first-{rep.inertia['first_n']} set covers {i['overlap_natural']:.1%} of later tokens' "
                       f"top-{rep.inertia['k']:.0%} (natural) vs {i['overlap_random']:.1%} (random tokens), "
                       f"chance {i['chance']:.0%}; {i['layers_semantic_irrelevant']}/{n_layers} layers "
-                      "semantic-irrelevant"),
+                      "semantic-irrelevant" + _from_prompt(rep.inertia)),
          "rule": "supported if overlap > chance + 0.1 and random >= natural - tolerance in >= half the layers",
          "verdict": _verdict(i["overlap_natural"] > i["chance"] + 0.1 and i["layers_semantic_irrelevant"] * 2 >= n_layers,
                              i["overlap_natural"] > i["chance"] + 0.1),

@@ -39,6 +39,8 @@ class AnalyzeConfig:
     inertia_seqs: int = 6         # natural sentences, and as many random-token sequences
     inertia_len: int = 80
     first_n: int = 16             # "first activations": the first n tokens choose the set
+    prompt_n: int = 256           # second inertia run: the set chosen from a prompt this long
+                                  # (the sequence methods' prompt length); 0 skips it
     inertia_k: float = 0.3
     inertia_tolerance: float = 0.05  # random >= natural - tolerance counts as semantic-irrelevant
     consistency_seqs: int = 2
@@ -66,6 +68,9 @@ class AnalyzeConfig:
         if self.first_n >= self.inertia_len - 8:
             raise MoyuError(f"--first-n {self.first_n} leaves too few later tokens in a "
                             f"{self.inertia_len}-token sequence: use < {self.inertia_len - 8}")
+        if self.prompt_n and self.prompt_n <= self.first_n:
+            raise MoyuError(f"--prompt-n {self.prompt_n} must be longer than --first-n {self.first_n} "
+                            "(or 0 to skip the long-prompt inertia run)")
         if self.window < 16 or self.cett_grid < 4 or self.rank < 1:
             raise MoyuError("window must be >= 16, cett grid >= 4 and rank >= 1")
 
@@ -83,10 +88,13 @@ def jaccard(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
 
 
 def bos_prefix(model: nn.Module, tok) -> torch.Tensor:
-    """``[bos]`` when the model has a BOS token (Gemma needs it), else an empty tensor."""
-    bos = getattr(tok, "bos_token_id", None) if tok is not None else None
-    if bos is None:
-        bos = getattr(model.config, "bos_token_id", None)
+    """``[bos]`` where the model's tokenizer starts a text with one (Gemma), else empty.
+
+    The same rule as evaluation and calibration windows (:func:`moyu.data.bos_id`); without
+    a tokenizer, the answer :func:`moyu.models.load` recorded on the model (``moyu_bos``).
+    """
+    from ..data import bos_id
+    bos = bos_id(tok) if tok is not None else getattr(model, "moyu_bos", None)
     if bos is not None and not 0 <= int(bos) < int(model.config.vocab_size):
         bos = None                                   # e.g. a tiny GPT-2 keeps the 50256 default
     return torch.tensor([] if bos is None else [int(bos)], dtype=torch.long)
@@ -123,6 +131,8 @@ class Spans:
     random_histories: list[torch.Tensor]
     inertia_natural: list[torch.Tensor]
     inertia_random: list[torch.Tensor]
+    prompt_natural: list[torch.Tensor]   # inertia from a prompt_n-token prompt (eval)
+    prompt_random: list[torch.Tensor]
     pred_train: torch.Tensor             # calib
     pred_eval: torch.Tensor              # eval, held out
     consistency: list[torch.Tensor]
@@ -132,7 +142,13 @@ class Spans:
 def eval_needed(cfg: AnalyzeConfig) -> int:
     """Eval-split tokens the spans need."""
     return (cfg.tokens + cfg.probes * cfg.probe_len + cfg.inertia_seqs * cfg.inertia_len
-            + cfg.predictor_eval + cfg.consistency_seqs * cfg.consistency_len)
+            + cfg.inertia_seqs * prompt_seq_len(cfg) + cfg.predictor_eval + cfg.consistency_seqs * cfg.consistency_len)
+
+
+def prompt_seq_len(cfg: AnalyzeConfig) -> int:
+    """Length of the long-prompt inertia sequences: the prompt plus as many later tokens as
+    the short run scores (0 when the long run is off)."""
+    return cfg.prompt_n + cfg.inertia_len - cfg.first_n if cfg.prompt_n else 0
 
 
 def calib_needed(cfg: AnalyzeConfig) -> int:
@@ -163,6 +179,8 @@ def make_spans(cfg: AnalyzeConfig, eval_ids: torch.Tensor, calib_ids: torch.Tens
     stream = take(eval_ids, cfg.tokens)
     probes = [take(eval_ids, cfg.probe_len) for _ in range(cfg.probes)]
     inat = [take(eval_ids, cfg.inertia_len) for _ in range(cfg.inertia_seqs)]
+    plen = prompt_seq_len(cfg)
+    pnat = [take(eval_ids, plen) for _ in range(cfg.inertia_seqs)] if plen else []
     pred_eval = take(eval_ids, cfg.predictor_eval)
     cons = [take(eval_ids, cfg.consistency_len) for _ in range(cfg.consistency_seqs)]
     pos = 0
@@ -171,7 +189,8 @@ def make_spans(cfg: AnalyzeConfig, eval_ids: torch.Tensor, calib_ids: torch.Tens
     pred_train = take(calib_ids, cfg.predictor_tokens)
     rnd_h = [random_ids(cfg.history_len, vocab, gen, avoid) for _ in range(cfg.histories // 2)]
     irnd = [random_ids(cfg.inertia_len, vocab, gen, avoid) for _ in range(cfg.inertia_seqs)]
-    return Spans(stream, probes, nat_h, rnd_h, inat, irnd, pred_train, pred_eval, cons, bos)
+    prnd = [random_ids(plen, vocab, gen, avoid) for _ in range(cfg.inertia_seqs)] if plen else []
+    return Spans(stream, probes, nat_h, rnd_h, inat, irnd, pnat, prnd, pred_train, pred_eval, cons, bos)
 
 
 def layers_of(model: nn.Module) -> list[MLPLayer]:

@@ -5,7 +5,8 @@ split, half uniform random tokens). For every probe token and layer the active s
 top-k by contribution ``c_i = |a_i| * ||W_down[:, i]||``. Reported per layer and k:
 
 * ``cross_history``: mean Jaccard of the same probe token's sets over all pairs of
-  histories (``cross_natural``: natural-natural pairs, ``cross_random``: random-random);
+  histories (``cross_natural``: natural-natural pairs, the number the claim is about;
+  ``cross_random``: random-random; ``cross_mixed``: natural-random);
 * ``same_history``: Jaccard between two separate forward passes with the same history
   (a sanity check: it must be 1);
 * ``unrelated``: Jaccard between different probe tokens after the same history (floor);
@@ -72,6 +73,7 @@ def history_uncertainty(model: nn.Module, probes: list[torch.Tensor], natural: l
                 "cross_history": sum(js.values()) / len(js),
                 "cross_natural": _mean(same_kind("natural")),
                 "cross_random": _mean(same_kind("random")),
+                "cross_mixed": _mean([v for (a, b), v in js.items() if kinds[a] != kinds[b]]),
                 "same_history": float(jaccard(M[0], topk_mask(R, k)).mean()),
                 "unrelated": float(unrel),
                 "random_sets": r / (2 - r),

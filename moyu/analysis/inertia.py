@@ -16,6 +16,11 @@ layer, with ratio ``k = inertia_k``:
   ``always_on_90`` counts neurons on for > 90 % of tokens in each kind (Jaccard null if
   both sets are empty).
 
+The same numbers are measured a second time with the set chosen from a ``prompt_n``-token
+prompt (default 256, the prompt length the sequence methods select from), reported under
+``from_prompt``: the first 16 tokens are what the seed paper's figure uses, the long prompt
+is what GRIFFIN and TDA actually see.
+
 ``semantic_irrelevant`` is true for a layer when ``overlap_random >= overlap_natural -
 inertia_tolerance``: random text shows the inertia as strongly as natural text.
 """
@@ -36,42 +41,66 @@ def griffin_scores(a: torch.Tensor) -> torch.Tensor:
     return z.norm(dim=-2)
 
 
-def _kind_stats(model: nn.Module, seqs: list[torch.Tensor], cfg: AnalyzeConfig, bos: torch.Tensor,
+def _kind_stats(model: nn.Module, seqs: list[torch.Tensor], n: int, k_ratio: float, bos: torch.Tensor,
                 tick) -> list[dict]:
+    """Per layer: overlap of later tokens' top-k with the first-``n`` set, by distance too.
+
+    Activations become masks batch by batch, so a long prompt on a wide model does not hold
+    every layer's float activations at once.
+    """
     layers = layers_of(model)
     ids = torch.stack([torch.cat([bos, s]) for s in seqs])
-    acts: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    first: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    later: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    on: dict[int, torch.Tensor] = {}
     for b in range(0, len(ids), 3):                       # small batches keep memory low
         raw = run_acts(model, ids[b: b + 3])["act"]
         for i, a in raw.items():
-            acts[i].append(a[:, len(bos):])
+            a = a[:, len(bos):]
+            k = kcount(k_ratio, a.shape[-1])
+            first[i].append(topk_mask(griffin_scores(a[:, :n]), k))   # [s, d_ff]
+            later[i].append(topk_mask(a[:, n:].abs(), k))             # [s, T-n, d_ff]
+            rate = topk_mask(a.abs(), k).float().sum((0, 1))
+            on[i] = rate if i not in on else on[i] + rate
+        del raw
         tick()
-    n = cfg.first_n
     out = []
     for i, ml in enumerate(layers):
-        a = torch.cat(acts[i])                            # [S, T, d_ff]
-        k = kcount(cfg.inertia_k, ml.d_ff)
-        first = topk_mask(griffin_scores(a[:, :n]), k)    # [S, d_ff]
-        later = topk_mask(a[:, n:].abs(), k)              # [S, T-n, d_ff]
-        ov = (later & first[:, None]).sum(-1).float() / k            # [S, T-n]
-        other = first.roll(1, dims=0)
-        cross = (later & other[:, None]).sum(-1).float() / k
+        k = kcount(k_ratio, ml.d_ff)
+        f, lt = torch.cat(first.pop(i)), torch.cat(later.pop(i))
+        ov = (lt & f[:, None]).sum(-1).float() / k                   # [S, T-n]
+        cross = (lt & f.roll(1, dims=0)[:, None]).sum(-1).float() / k
         bins = torch.linspace(0, ov.shape[1], N_BINS + 1).long()
         by_dist = [float(ov[:, bins[j]: bins[j + 1]].mean()) for j in range(N_BINS)]
-        on_rate = topk_mask(a.abs(), k).float().mean((0, 1))         # [d_ff]
         out.append({"overlap": float(ov.mean()), "cross_sequence": float(cross.mean()),
                     "by_distance": by_dist,
                     "distance_centres": [float((bins[j] + bins[j + 1]) / 2 + 1) for j in range(N_BINS)],
-                    "on_rate": on_rate})
-        del acts[i]
+                    "on_rate": on[i] / (ids.shape[0] * (ids.shape[1] - len(bos)))})
     return out
 
 
 def inertia(model: nn.Module, natural: list[torch.Tensor], random: list[torch.Tensor],
-            cfg: AnalyzeConfig, bos: torch.Tensor, tick=lambda: None) -> dict:
-    """Per-layer inertia numbers for natural vs random sequences (see module doc)."""
-    nat = _kind_stats(model, natural, cfg, bos, tick)
-    rnd = _kind_stats(model, random, cfg, bos, tick)
+            cfg: AnalyzeConfig, bos: torch.Tensor, tick=lambda: None,
+            prompt_natural: list[torch.Tensor] = (), prompt_random: list[torch.Tensor] = ()) -> dict:
+    """Per-layer inertia numbers for natural vs random sequences (see module doc).
+
+    With ``prompt_natural``/``prompt_random`` (sequences of ``cfg.prompt_n`` prompt tokens
+    plus later ones) the same numbers are measured again with the set chosen from the whole
+    prompt, as the sequence methods (GRIFFIN, TDA) choose it, under ``from_prompt``.
+    """
+    res = _inertia_rows(model, natural, random, cfg.first_n, cfg, bos, tick)
+    res.update(sequences=len(natural), length=cfg.inertia_len)
+    if prompt_natural:
+        res["from_prompt"] = _inertia_rows(model, list(prompt_natural), list(prompt_random),
+                                           cfg.prompt_n, cfg, bos, tick)
+        res["from_prompt"].update(sequences=len(prompt_natural), length=len(prompt_natural[0]))
+    return res
+
+
+def _inertia_rows(model: nn.Module, natural: list[torch.Tensor], random: list[torch.Tensor], n: int,
+                  cfg: AnalyzeConfig, bos: torch.Tensor, tick) -> dict:
+    nat = _kind_stats(model, natural, n, cfg.inertia_k, bos, tick)
+    rnd = _kind_stats(model, random, n, cfg.inertia_k, bos, tick)
     rows = []
     for a, b in zip(nat, rnd):
         d_ff = a["on_rate"].numel()
@@ -96,5 +125,4 @@ def inertia(model: nn.Module, natural: list[torch.Tensor], random: list[torch.Te
     mean["by_distance_natural"] = [sum(r["by_distance_natural"][j] for r in rows) / len(rows) for j in range(N_BINS)]
     mean["by_distance_random"] = [sum(r["by_distance_random"][j] for r in rows) / len(rows) for j in range(N_BINS)]
     mean["distance"] = rows[0]["distance"]
-    return {"first_n": cfg.first_n, "k": cfg.inertia_k, "length": cfg.inertia_len,
-            "sequences": len(natural), "layers": rows, "mean": mean}
+    return {"first_n": n, "k": cfg.inertia_k, "layers": rows, "mean": mean}
