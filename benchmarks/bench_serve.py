@@ -18,7 +18,7 @@ medians, and the spread of the per-round ratios), the CPU with its flags and the
 
     python benchmarks/bench_serve.py --model smollm2-135m --method sketch-reuse --sparsity 0.5
         [--profile F] [--weights fp32] [--threads N] [--prompt-tokens 64] [--new-tokens 64]
-        [--rounds 5] [--json]
+        [--rounds 5] [--stream-interval 1] [--json]
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def free_port() -> int:
 def start_server(args, profile: str | None, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moyu.cli", "serve", "--model", args.model, "--dtype", args.dtype,
            "--weights", args.weights, "--threads", str(args.threads),
-           "--ctx", str(args.ctx), "--port", str(port), "--max-queue", "1"]
+           "--ctx", str(args.ctx), "--port", str(port), "--max-queue", "1",
+           "--stream-interval", str(args.stream_interval)]
     if profile:
         cmd += ["--profile", profile]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -70,8 +71,11 @@ def wait_up(client, proc: subprocess.Popen, limit: float = 900) -> str:
             time.sleep(0.5)
 
 
-def served(client, name: str, ids: list[int], new: int) -> dict:
-    """One streamed completion: TTFT, tokens/s, decode tokens/s, counts and the server's figures."""
+def served(client, name: str, ids: list[int], new: int, per_event: int = 1) -> dict:
+    """One streamed completion: TTFT, tokens/s, decode tokens/s, counts and the server's figures.
+
+    ``per_event``: tokens per streamed event (the server's --stream-interval): the first event
+    then arrives after that many tokens, and the decode rate counts the tokens after it."""
     t0 = time.perf_counter()
     first = last = None
     usage = timings = None
@@ -85,7 +89,7 @@ def served(client, name: str, ids: list[int], new: int) -> dict:
         if ch.usage:
             usage, timings = ch.usage, (ch.model_extra or {}).get("timings", {})
     n = usage.completion_tokens
-    return {"ttft_s": first - t0, "tok_s": n / (last - t0), "decode_tok_s": (n - 1) / max(last - first, 1e-9),
+    return {"ttft_s": first - t0, "tok_s": n / (last - t0), "decode_tok_s": (n - per_event) / max(last - first, 1e-9),
             "tokens": n, "prompt_tokens": usage.prompt_tokens, "server": timings}
 
 
@@ -129,7 +133,7 @@ def measure(args, model, tok, profile: str | None) -> dict:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                timeout=1800)
         name = wait_up(client, proc)
-        run_served = lambda: served(client, name, ids.tolist(), args.new_tokens)  # noqa: E731
+        run_served = lambda: served(client, name, ids.tolist(), args.new_tokens, args.stream_interval)  # noqa: E731
         run_runtime(), run_served()                                   # warm-up
         load = [os.getloadavg()[0]]
         rt, sv = [], []
@@ -153,6 +157,7 @@ def measure(args, model, tok, profile: str | None) -> dict:
     ratios = [s["tok_s"] / r["tok_s"] for s, r in zip(sv, rt)]
     return {"model": args.model, "method": args.method_name, "target": args.sparsity if args.method else None,
             "sparsity": sparsity, "weights": args.weights, "threads": args.threads,
+            "stream_interval": args.stream_interval,
             "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds,
             "runtime": {"tok_s": med(rt, "tok_s"), "decode_tok_s": med(rt, "decode_tok_s"),
                         "prefill_s": med(rt, "prefill_s"),
@@ -176,6 +181,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one run of each side per round)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: all cores)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="the server's --stream-interval (tokens per streamed event; default 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     import torch
@@ -199,7 +206,7 @@ def main() -> int:
         return 0
     env, rt, sv = out["environment"], out["runtime"], out["served"]
     print(f"{args.model} {out['method'] or 'dense'} (sparsity {out['sparsity']}), {args.weights}, "
-          f"{out['threads']} threads, prompt {out['prompt_tokens']} tokens, {out['new_tokens']} new, "
+          f"{out['threads']} threads, {args.stream_interval} token(s) per streamed event, prompt {out['prompt_tokens']} tokens, {out['new_tokens']} new, "
           f"median of {args.rounds} interleaved rounds; {env['cpu']} ({', '.join(env['cpu_flags'])}), "
           f"load average {min(out['load_avg']):.1f}-{max(out['load_avg']):.1f}")
     print(f"  runtime (moyu bench's run)  {rt['tok_s']:7.2f} tok/s   decode {rt['decode_tok_s']:7.2f} tok/s   "

@@ -552,15 +552,18 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MOYU_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get 503")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed event (default 1: each token as it is decoded; more costs "
+                        "the server and client less CPU per token)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import RuntimeThread, check_server_options, serve
     api_key = args.api_key or os.environ.get("MOYU_API_KEY") or None
-    check_server_options(args.port, args.max_queue, args.timeout)
+    check_server_options(args.port, args.max_queue, args.timeout, args.stream_interval)
     runtime = RuntimeThread()     # builds the engine and decodes: one OpenMP team (see RuntimeThread)
     serve(runtime.call(load_engine, args), args.host, args.port, api_key, args.max_queue, args.timeout,
-          runtime=runtime)
+          runtime=runtime, stream_interval=args.stream_interval)
     return 0
 
 

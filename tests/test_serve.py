@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from moyu.engine import Engine, build_engine  # noqa: E402
+from moyu.errors import MoyuError  # noqa: E402
 from moyu.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +283,19 @@ def test_disconnect_mid_stream_frees_the_runtime(url, engine, reference):
     conn.close()
     assert wait_idle(url, 1.0) < 1.0
     greedy_ok(url, engine.name, reference)
+
+
+def test_stream_interval_groups_tokens_without_changing_the_text(engine, reference):
+    ref = reference["completion"]
+    with running(engine, stream_interval=3) as u:
+        pieces = [p.choices[0].text for p in client(u).completions.create(
+            model=engine.name, prompt=PROMPT, max_tokens=NEW, stream=True) if p.choices]
+    assert "".join(pieces) == ref["text"]
+    texts = [t for t in pieces if t]
+    # three tokens per event (the last event holds the rest): about a third as many events
+    assert len(texts) <= -(-ref["completion_tokens"] // 3) < ref["completion_tokens"]
+    with pytest.raises(MoyuError, match="--stream-interval must be >= 1"):
+        create_app(engine, stream_interval=0)
 
 
 @pytest.mark.slow   # seconds of end-to-end work: the full suite runs it
