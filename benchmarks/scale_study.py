@@ -160,6 +160,38 @@ def gather(out: Path) -> dict[str, Any]:
     return {"models": sorted(models, key=lambda m: m["parameters"])}
 
 
+def write_sweeps(roots: list[Path], dest: Path) -> list[Path]:
+    """The sweep cells of one or more runs as `moyu sweep` folders: ``dest/<model>`` (prose) and
+    ``dest/<model>-code``, each with sweep.{json,md,csv,png} and its intervals and
+    equal-sparsity table. Runs of other sparsities (``roots`` beyond the first) add their
+    points; a (method, target) measured twice keeps the first root's row."""
+    from moyu import data
+    from moyu.sweep import write_sweep
+    per: dict[tuple[str, str], dict[tuple[str, float], dict]] = {}
+    protocol: dict[tuple[str, str], tuple[int, int]] = {}
+    for root in roots:
+        for d in sorted((Path(root) / "cells").glob("*")):
+            for p in sorted(d.glob("sweep-*.json")):
+                cell = json.loads(p.read_text())
+                key = (d.name, cell["corpus"])
+                proto = (cell["tokens"], cell["calib_tokens"])
+                if protocol.setdefault(key, proto) != proto:
+                    raise SystemExit(f"{p}: measured on {proto} tokens (eval, calibration), the other "
+                                     f"cells of {key} on {protocol[key]}: they cannot share a table")
+                for r in cell["rows"]:
+                    per.setdefault(key, {}).setdefault((r["method"], r["target"]), r)
+    written = []
+    for (model, corpus), rows in sorted(per.items()):
+        order = list(dict.fromkeys(m for m, _ in rows))
+        ordered = [rows[k] for k in sorted(rows, key=lambda k: (order.index(k[0]), k[1]))]
+        tokens, calib = protocol[(model, corpus)]
+        meta = {"model": model, "text": data.corpus_label(corpus), "eval_tokens": tokens, "calib_tokens": calib}
+        title = (f"{model}, {corpus}: quality vs sparsity ({ordered[0]['dense_ppl']:.2f} dense perplexity, "
+                 f"{tokens} eval tokens)")
+        written += write_sweep(ordered, dest / (model if corpus == "prose" else f"{model}-code"), title, meta)
+    return written
+
+
 def _row(cell: dict, sparsity: float) -> dict | None:
     for r in cell["rows"]:
         if abs(r["target"] - sparsity) < 1e-9:
@@ -296,7 +328,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bench-runs", type=int, default=3, help="bench rounds (medians are reported)")
     ap.add_argument("--out", default="docs/results/scale")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
+    ap.add_argument("--sweeps-to", metavar="DEST",
+                    help="only write the sweep cells of --out (and --also-cells) as `moyu sweep` folders "
+                         "DEST/<model>[-code]")
+    ap.add_argument("--also-cells", action="append", default=[], metavar="DIR",
+                    help="with --sweeps-to: another run's --out whose sweep points join the tables")
     args = ap.parse_args(argv)
+    if args.sweeps_to:
+        for p in write_sweeps([Path(args.out), *map(Path, args.also_cells)], Path(args.sweeps_to)):
+            print(p)
+        return
     args.corpora = [c for c in args.corpora.split(",") if c]
     args.methods = [m for m in args.methods.split(",") if m]
     args.sparsities = [float(s) for s in args.sparsities.split(",")]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import moyu
+import pytest
 
 _spec = importlib.util.spec_from_file_location(
     "scale_study", Path(__file__).resolve().parents[1] / "benchmarks" / "scale_study.py")
@@ -53,3 +54,31 @@ def test_statistic_mean_and_layer_range():
     rep = {"overactivation": {"mean": {"share_90": 0.5}, "layers": [{"share_90": 0.7}, {"share_90": 0.4}]}}
     assert scale_study.statistic(rep, name) == 0.5
     assert scale_study.statistic_range(rep, name) == (0.4, 0.7)
+
+
+def _cell(root, model: str, corpus: str, method: str, targets, tokens: int = 600) -> None:
+    d = root / "cells" / model
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [{"method": method, "target": t, "sparsity": t, "weights_skipped": t / 2, "ppl": 10 + t,
+             "dense_ppl": 10.0, "ppl_ratio": (10 + t) / 10, "kl": t / 10, "top1_agree": 1 - t,
+             "ppl_ratio_ci": [(10 + t) / 10 - 0.01, (10 + t) / 10 + 0.01]} for t in targets]
+    (d / f"sweep-{corpus}-{method}.json").write_text(json.dumps(
+        {"corpus": corpus, "method": method, "rows": rows, "tokens": tokens, "calib_tokens": 600}))
+
+
+def test_sweep_cells_become_sweep_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _cell(a, "m", "prose", "cats", [0.5])
+    _cell(a, "m", "prose", "sketch", [0.5])
+    _cell(a, "m", "code", "cats", [0.5])
+    _cell(b, "m", "prose", "cats", [0.3, 0.5, 0.7])       # another run adds 0.3 and 0.7
+    scale_study.main(["--out", str(a), "--also-cells", str(b), "--sweeps-to", str(tmp_path / "out")])
+    prose = json.loads((tmp_path / "out" / "m" / "sweep.json").read_text())
+    assert [(r["method"], r["target"]) for r in prose["rows"]] == [
+        ("cats", 0.3), ("cats", 0.5), ("cats", 0.7), ("sketch", 0.5)]
+    assert prose["eval_tokens"] == 600 and "[" in (tmp_path / "out" / "m" / "sweep.md").read_text()
+    code = json.loads((tmp_path / "out" / "m-code" / "sweep.json").read_text())
+    assert [r["method"] for r in code["rows"]] == ["cats"] and "code" in code["text"]
+    _cell(b, "m", "code", "sketch", [0.5], tokens=999)     # a different protocol cannot join
+    with pytest.raises(SystemExit, match="cannot share a table"):
+        scale_study.main(["--out", str(a), "--also-cells", str(b), "--sweeps-to", str(tmp_path / "out")])
