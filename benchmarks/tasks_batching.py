@@ -1,12 +1,14 @@
-"""``moyu tasks``' log-likelihood pass with the choices of a context batched, beside one
-choice at a time: CPU and wall seconds, and whether the scores agree.
+"""``moyu tasks``' log-likelihood pass with the choices of a context batched (and, dense,
+several items sharing a prefill batch), beside one choice at a time: CPU and wall seconds,
+and whether the scores agree.
 
     python benchmarks/tasks_batching.py --limit 8 --threads 1
 
 Both run lm-eval's own requests of the nine multiple-choice tasks (first ``--limit``
 items each), dense and with ``--method`` at ``--sparsity`` (calibrated on 2,048 tokens),
-each way; the batched pass runs twice (before and after the one-at-a-time pass) so a
-change in the machine's load shows.
+each way; the most batched pass runs twice (first and last) so a change in the machine's
+load shows. Ways: ``items`` (dense only: items of similar length share one prefill and
+one tail batch), ``choices`` (the choices of one item share a tail batch), ``one``.
 """
 from __future__ import annotations
 
@@ -44,19 +46,22 @@ def main() -> int:
                      windows=Windows(256, 256))
     sp = sparsify(model, prof)
     out = {"requests": len(reqs), "limit": args.limit, "threads": args.threads, "runs": []}
+    ways = {"items": (True, True), "choices": (True, False), "one": (False, False)}
     for label, mod in (("dense", None), (f"{args.method} {args.sparsity:.0%}", sp)):
+        order = ["items", "choices", "one", "items"] if mod is None else ["choices", "one", "choices"]
         got = {}
-        for batch in (True, False, True):
-            lm = T.harness_model(model, tok, mod, progress=False, batch_choices=batch)
+        for way in order:
+            batch, items = ways[way]
+            lm = T.harness_model(model, tok, mod, progress=False, batch_choices=batch, batch_items=items)
             t0, c0 = time.perf_counter(), time.process_time()
             if mod is None:
-                got[batch] = lm.loglikelihood(reqs)
+                got[way] = lm.loglikelihood(reqs)
             else:
                 with sp:
-                    got[batch] = lm.loglikelihood(reqs)
-            out["runs"].append({"pass": label, "batched": batch, "wall_s": round(time.perf_counter() - t0, 1),
+                    got[way] = lm.loglikelihood(reqs)
+            out["runs"].append({"pass": label, "way": way, "wall_s": round(time.perf_counter() - t0, 1),
                                 "cpu_s": round(time.process_time() - c0, 1)})
-        a, b = got[True], got[False]
+        a, b = got[order[0]], got["one"]
         out["runs"][-1].update(greedy_equal=[g for _, g in a] == [g for _, g in b],
                                max_abs_loglik_diff=max(abs(x[0] - y[0]) for x, y in zip(a, b)))
     print(json.dumps(out, indent=1))

@@ -96,6 +96,36 @@ def test_context_runs_dense_answer_sparse(tiny_lm, one_thread):
     assert counted == padded * sp.layers[0].d_ff
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "gpt2"])
+def test_items_batched_equal_one_at_a_time(tiny_lm, one_thread, arch):
+    """Dense items sharing one prefill batch score what they score one by one (left to the
+    one-at-a-time path past a sliding window: tiny gemma3's is 32 positions)."""
+    from moyu.tiny import tiny_model
+    _, tok = tiny_lm
+    model = tiny_model(arch, seed=3)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)   # the tiny GGUF tokenizer's ids
+    reqs = _requests() + _requests_long()
+    got = {b: T.harness_model(model, tok, progress=False, batch_items=b).loglikelihood(reqs) for b in (True, False)}
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
+
+
+def _requests_long():
+    from lm_eval.api.instance import Instance
+    ctx = "the heat in the sun " * 4            # past tiny gemma3's 32-position window
+    return [Instance(request_type="loglikelihood", doc={}, arguments=(ctx, " " + c), idx=i)
+            for i, c in enumerate(["is hot", "t"])]
+
+
+def test_item_chunks_sort_and_respect_limits():
+    groups = [((1,) * n, [((2,) * w, [2] * w) for w in ws]) for n, ws in
+              [(5, [1, 2]), (50, [3]), (3, [1]), (0, [1]), (40, [1, 1, 30])]]   # 0: no prefix
+    chunks = T._item_chunks(groups, window=None)
+    assert [i for c in chunks for i in c] == [2, 0, 4, 1]     # shortest prefix first
+    assert all(len(c) <= T._MAX_ITEMS for c in chunks)
+    assert T._item_chunks(groups, window=45) == [[2, 0]]      # 40 + 30 and 50 + 3 pass the window
+
+
 @pytest.mark.parametrize("method", ["griffin", "cats", "teal"])
 def test_batched_choices_equal_one_at_a_time(tiny_lm, one_thread, method):
     """The choices of a context batched (right-padded) score what they score one by one."""
