@@ -232,3 +232,11 @@ def test_analysis_bos_follows_the_tokenizer_rule():
         def __call__(self, text, add_special_tokens=True):
             return type("E", (), {"input_ids": [5]})()
     assert bos_prefix(model, Tok()).tolist() == []
+
+
+def test_inertia_layer_mean_skips_layers_without_always_on_neurons():
+    from moyu.analysis.inertia import layer_mean
+    rows = [{"overlap_natural": 0.5, "always_on_90_jaccard": None, "semantic_irrelevant": True},
+            {"overlap_natural": 0.7, "always_on_90_jaccard": 0.25, "semantic_irrelevant": False}]
+    assert layer_mean(rows) == pytest.approx({"overlap_natural": 0.6, "always_on_90_jaccard": 0.25})
+    assert layer_mean(rows[:1])["always_on_90_jaccard"] is None

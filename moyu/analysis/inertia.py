@@ -79,6 +79,14 @@ def _kind_stats(model: nn.Module, seqs: list[torch.Tensor], n: int, k_ratio: flo
     return out
 
 
+def layer_mean(rows: list[dict]) -> dict:
+    """Layer means of the float numbers of ``rows``. A layer with no always-on neuron in either
+    kind has no ``always_on_90_jaccard`` (None): that mean is over the layers that have one."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, float) or k == "always_on_90_jaccard"]
+    vals = {k: [r[k] for r in rows if r[k] is not None] for k in keys}
+    return {k: (sum(v) / len(v) if v else None) for k, v in vals.items()}
+
+
 def inertia(model: nn.Module, natural: list[torch.Tensor], random: list[torch.Tensor],
             cfg: AnalyzeConfig, bos: torch.Tensor, tick=lambda: None,
             prompt_natural: list[torch.Tensor] = (), prompt_random: list[torch.Tensor] = ()) -> dict:
@@ -119,8 +127,7 @@ def _inertia_rows(model: nn.Module, natural: list[torch.Tensor], random: list[to
             "always_on_90_jaccard": (int((on_a & on_b).sum()) / union) if union else None,
             "semantic_irrelevant": bool(b["overlap"] >= a["overlap"] - cfg.inertia_tolerance),
         })
-    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    mean = layer_mean(rows)
     mean["layers_semantic_irrelevant"] = sum(r["semantic_irrelevant"] for r in rows)
     mean["by_distance_natural"] = [sum(r["by_distance_natural"][j] for r in rows) / len(rows) for j in range(N_BINS)]
     mean["by_distance_random"] = [sum(r["by_distance_random"][j] for r in rows) / len(rows) for j in range(N_BINS)]
