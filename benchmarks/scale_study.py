@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
+# the order of docs/methods.md: rows of the sweep folders follow it
+SWEEP_ORDER = ("oracle", "cats", "cett", "teal", "wina", "griffin", "tda", "static", "dejavu",
+               "dejavu-linear", "moe", "relu", "sketch", "sketch-reuse")
 
 # name in the table/figure -> (report section, how to read it from the section's "mean" or
 # from one of its "layers" entries)
@@ -182,7 +185,8 @@ def write_sweeps(roots: list[Path], dest: Path) -> list[Path]:
                     per.setdefault(key, {}).setdefault((r["method"], r["target"]), r)
     written = []
     for (model, corpus), rows in sorted(per.items()):
-        order = list(dict.fromkeys(m for m, _ in rows))
+        order = [m for m in SWEEP_ORDER if any(k[0] == m for k in rows)]
+        order += sorted({m for m, _ in rows} - set(order))
         ordered = [rows[k] for k in sorted(rows, key=lambda k: (order.index(k[0]), k[1]))]
         tokens, calib = protocol[(model, corpus)]
         meta = {"model": model, "text": data.corpus_label(corpus), "eval_tokens": tokens, "calib_tokens": calib}

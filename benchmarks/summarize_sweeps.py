@@ -5,6 +5,10 @@ method and target sparsity, models side by side (what docs/methods.md shows).
 
 ``--at-target`` prints each method at exactly the target sparsity instead (interpolated along
 its own curve, :func:`moyu.sweep.at_targets`; `*`: extrapolated, `-`: too far outside).
+``--rank T`` prints, per sweep, the methods ordered by perplexity change at target T (at
+equal achieved sparsity), with `<` where two neighbours' 95 % intervals are apart and `~`
+where they overlap (the difference is not established). Columns are named by folder
+(``smollm2-135m``, ``smollm2-135m-code``, ...).
 """
 from __future__ import annotations
 
@@ -13,12 +17,47 @@ import sys
 from pathlib import Path
 
 
+def ranking(points: list[dict], target: float, rows: list[dict] = ()) -> str:
+    """``a +1.0 [+0.5, +1.5] ~ b +1.2 [...] < c ...`` at ``target``: lowest change first.
+
+    A method with no interpolated value (one measured point, not exactly at the target)
+    enters with its measured point, its achieved sparsity in parentheses."""
+    pts = [p for p in points if abs(p["target"] - target) < 1e-9 and p["ppl_ratio"] is not None]
+    have = {p["method"] for p in pts}
+    pts += [dict(r, achieved=r["sparsity"]) for r in rows
+            if abs(r["target"] - target) < 1e-9 and r["method"] not in have]
+    pts.sort(key=lambda p: p["ppl_ratio"])
+    out = []
+    for i, p in enumerate(pts):
+        lo, hi = p.get("ppl_ratio_ci") or (p["ppl_ratio"], p["ppl_ratio"])
+        if i:
+            prev_hi = (pts[i - 1].get("ppl_ratio_ci") or (0, pts[i - 1]["ppl_ratio"]))[1]
+            out.append("<" if lo > prev_hi else "~")
+        flag = ("*" if p.get("extrapolated") else "") + (f" ({p['achieved']:.3f})" if "achieved" in p else "")
+        out.append(f"{p['method']} {100 * (p['ppl_ratio'] - 1):+.1f} [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]{flag}")
+    return " ".join(out)
+
+
 def main(dirs: list[str]) -> int:
     at_target = "--at-target" in dirs
+    rank = None
+    if "--rank" in dirs:
+        i = dirs.index("--rank")
+        rank = float(dirs[i + 1])
+        dirs = dirs[:i] + dirs[i + 2:]
     dirs = [d for d in dirs if d != "--at-target"]
+    if rank is not None:
+        from moyu.sweep import at_targets
+        for d in dirs:
+            meta = json.loads((Path(d) / "sweep.json").read_text())
+            print(f"- {Path(d).name}: {ranking(at_targets(meta['rows'], [rank]), rank, meta['rows'])}")
+        print(f"\nperplexity change vs dense at exactly {rank:.0%} sparsity [95 % interval]; <: intervals apart, "
+              "~: intervals overlap; *: extrapolated; (s): a single measured point at achieved sparsity s")
+        return 0
     sweeps = {}
     for d in dirs:
         meta = json.loads((Path(d) / "sweep.json").read_text())
+        meta["model"] = Path(d).name
         if at_target:
             from moyu.sweep import at_targets
             pts = [dict(p, sparsity=p["target"]) for p in at_targets(meta["rows"])]

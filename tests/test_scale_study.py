@@ -82,3 +82,18 @@ def test_sweep_cells_become_sweep_folders(tmp_path):
     _cell(b, "m", "code", "sketch", [0.5], tokens=999)     # a different protocol cannot join
     with pytest.raises(SystemExit, match="cannot share a table"):
         scale_study.main(["--out", str(a), "--also-cells", str(b), "--sweeps-to", str(tmp_path / "out")])
+
+
+def test_ranking_marks_overlapping_intervals(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "summarize_sweeps", Path(__file__).resolve().parents[1] / "benchmarks" / "summarize_sweeps.py")
+    summ = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summ)
+    rows = [{"method": m, "target": 0.5, "sparsity": s, "ppl_ratio": r, "ppl_ratio_ci": ci, "kl": 0.1,
+             "ppl": 10 * r, "dense_ppl": 10.0}
+            for m, s, r, ci in [("a", 0.5, 1.02, [1.01, 1.03]), ("b", 0.49, 1.025, [1.02, 1.04]),
+                                ("c", 0.5, 1.30, [1.25, 1.35])]]
+    from moyu.sweep import at_targets
+    line = summ.ranking(at_targets(rows, [0.5]), 0.5, rows)
+    # a and b overlap (~), b and c are apart (<); b's single point says where it was measured
+    assert line == "a +2.0 [+1.0, +3.0] ~ b +2.5 [+2.0, +4.0] (0.490) < c +30.0 [+25.0, +35.0]"
