@@ -110,6 +110,23 @@ def test_items_batched_equal_one_at_a_time(tiny_lm, one_thread, arch):
     assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["griffin", "tda", "cats", "teal", "sketch-reuse"])
+def test_items_batched_with_a_method_equal_one_at_a_time(tiny_lm, one_thread, method):
+    """Items sharing one prefill batch, the method on for the answers: each row's prompt
+    chooses its own set (sequence methods), and the scores are those of one item at a time."""
+    model, tok = tiny_lm
+    sp = sparsify(model, calibrate(model, _ids(400), method=method, sparsity=0.5, windows=W))
+    got, measured = {}, {}
+    for b in (True, False):
+        with sp:
+            sp.reset_counters()
+            got[b] = T.harness_model(model, tok, sp, progress=False, batch_items=b).loglikelihood(_requests())
+            measured[b] = sp.measured()["sparsity"]
+    assert [g for _, g in got[True]] == [g for _, g in got[False]]
+    assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-4)
+    assert 0 < measured[True] < 1     # padded answer positions count, padded prompts do not
+
+
 def _requests_long():
     from lm_eval.api.instance import Instance
     ctx = "the heat in the sun " * 4            # past tiny gemma3's 32-position window

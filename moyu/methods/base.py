@@ -206,6 +206,14 @@ class Sparsifier:
         position runs sparse and sequence rules keep the sets they chose from its prompt."""
         self.prompt_len = 0
 
+    def select_rows(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """As :meth:`resume`, for a batch whose row ``j`` continues row ``rows[j]`` of the last
+        forward (e.g. several answers on copies of one prompt's KV cache): sequence rules keep
+        each row's set from that row's own prompt."""
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        self._sets = [None if s is None else s.index_select(0, idx) for s in self._sets]
+        self.prompt_len = 0
+
     def reset_counters(self) -> None:
         """Forget the measured sparsity so far."""
         self.counters = [_Counter() for _ in self.layers]
