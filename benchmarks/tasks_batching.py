@@ -7,8 +7,7 @@ and whether the scores agree.
 Both run lm-eval's own requests of the nine multiple-choice tasks (first ``--limit``
 items each), dense and with ``--method`` at ``--sparsity`` (calibrated on 2,048 tokens),
 each way; the most batched pass runs twice (first and last) so a change in the machine's
-load shows. Ways: ``items`` (dense only: items of similar length share one prefill and
-one tail batch), ``choices`` (the choices of one item share a tail batch), ``one``.
+load shows. Ways: ``items`` (items of similar length share one prefill and one tail batch), ``choices`` (the choices of one item share a tail batch), ``one``.
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def main() -> int:
     out = {"requests": len(reqs), "limit": args.limit, "threads": args.threads, "runs": []}
     ways = {"items": (True, True), "choices": (True, False), "one": (False, False)}
     for label, mod in (("dense", None), (f"{args.method} {args.sparsity:.0%}", sp)):
-        order = ["items", "choices", "one", "items"] if mod is None else ["choices", "one", "choices"]
+        order = ["items", "choices", "one", "items"]
         got = {}
         for way in order:
             batch, items = ways[way]
