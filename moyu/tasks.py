@@ -560,6 +560,12 @@ def _average(rows: dict[str, Any], with_sparse: bool) -> dict[str, float]:
     if with_sparse:
         avg["sparse"] = sum(main(rows[k]["sparse"]) for k in keys) / len(keys)
         avg["diff"] = avg["sparse"] - avg["dense"]
+        # the tasks' items are disjoint, so their paired differences are independent: the
+        # average's standard error is sqrt(sum se_t^2) / T
+        ses = [rows[k]["diff"].get(("acc_norm" if "acc_norm" in rows[k]["dense"] else "acc") + "_stderr")
+               for k in keys]
+        if all(se is not None and not math.isnan(se) for se in ses):
+            avg["diff_stderr"] = math.sqrt(sum(se * se for se in ses)) / len(keys)
     return avg
 
 
@@ -587,6 +593,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     if avg:
         line = f"| average ({avg['tasks']} tasks, acc_norm else acc) | | | {avg['dense']:.3f} |"
         if sparse:
-            line += f" {avg['sparse']:.3f} | {avg['diff']:+.3f} |"
+            se = avg.get("diff_stderr")
+            line += f" {avg['sparse']:.3f} | {avg['diff']:+.3f}" + (f" ± {se:.3f}" if se is not None else "") + " |"
         lines.append(line)
     return "\n".join(lines)

@@ -267,3 +267,12 @@ def test_batched_choices_equal_one_at_a_time_on_real_items(smollm):
     assert len(reqs) == 24
     assert [g for _, g in got[True]] == [g for _, g in got[False]]
     assert [ll for ll, _ in got[True]] == pytest.approx([ll for ll, _ in got[False]], abs=1e-3)
+
+
+def test_average_difference_carries_its_standard_error():
+    rows = {"a": {"dense": {"acc": 0.5, "acc_norm": 0.6}, "sparse": {"acc": 0.5, "acc_norm": 0.58},
+                  "diff": {"acc": 0.0, "acc_stderr": 0.5, "acc_norm": -0.02, "acc_norm_stderr": 0.03}},
+            "b": {"dense": {"acc": 0.4}, "sparse": {"acc": 0.44}, "diff": {"acc": 0.04, "acc_stderr": 0.04}}}
+    avg = T._average(rows, True)
+    assert avg["diff"] == pytest.approx(0.01) and avg["diff_stderr"] == pytest.approx(0.025)  # sqrt(.03²+.04²)/2
+    assert "± 0.025" in T.to_markdown({"tasks": {k: dict(r, n=1) for k, r in rows.items()}, "average": avg}).splitlines()[-1]
