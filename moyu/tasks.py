@@ -199,8 +199,9 @@ def harness_model(model: nn.Module, tok, modifier=None, desc: str = "requests", 
     ``batch_choices`` their answer tails then run as one right-padded batch on copies of
     its KV cache (causal attention: a row never sees its padding), else one at a time.
     With ``batch_items`` (and ``batch_choices``), several items of similar length also share
-    one prefill batch and one tail batch (:func:`_items_logps`): 1.4-1.5x less time per item
-    on short contexts, the same scores to float rounding (tested, dense and with methods).
+    one prefill batch and one tail batch (:func:`_items_logps`): 1.4-1.5x less time dense,
+    1.2x with ``sketch-reuse`` (docs/tasks.md); the same scores to float rounding dense, and
+    with a threshold method up to a neuron at its threshold flipping.
     """
     from lm_eval.models.huggingface import HFLM
     from tqdm import tqdm
