@@ -212,9 +212,10 @@ def test_long_prompt_inertia_can_be_skipped_and_is_checked():
     assert "from_prompt" not in r.inertia
     with pytest.raises(MoyuError, match="--prompt-n 8 must be longer than --first-n 8"):
         AnalyzeConfig(**{**SMALL, "prompt_n": 8}).validate(64)
-    with pytest.raises(MoyuError, match="--prompt-n 300 needs 332 positions, the model has 256"):
-        analyze(tiny_model("llama"), None, AnalyzeConfig(**{**SMALL, "prompt_n": 300}),
+    # a prompt longer than the model's context (256 positions) is shortened to fit
+    r = analyze(tiny_model("llama"), None, AnalyzeConfig(**{**SMALL, "prompt_n": 300}),
                 eval_ids=_ids(1, 3000), calib_ids=_ids(2, 1000), progress=False)
+    assert r.inertia["from_prompt"]["first_n"] == 256 - 40 + 8 and r.config["prompt_n"] == 224
 
 
 def test_analysis_bos_follows_the_tokenizer_rule():

@@ -329,6 +329,7 @@ def test_serve_command(tiny_gguf, reference):
     """The real `moyu serve` process: starts, answers as `moyu generate` does, stops on SIGINT."""
     from moyu.cli import main
     assert main(["serve", "--model", str(tiny_gguf), "--port", "70000"]) == 2    # before any model loads
+    assert main(["serve", "--model", str(tiny_gguf), "--stream-interval", "0"]) == 2
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "moyu.cli", "serve", "--model", str(tiny_gguf),
@@ -382,12 +383,13 @@ def test_serve_builds_and_decodes_on_one_thread(monkeypatch, engine, reference):
         built["thread"] = threading.current_thread()
         return Engine(spy, engine.tok, engine.name, sorted(engine.eos))
 
-    def serve(eng, *args, runtime=None):
-        built.update(engine=eng, runtime=runtime)
+    def serve(eng, *args, runtime=None, stream_interval=1):
+        built.update(engine=eng, runtime=runtime, stream_interval=stream_interval)
     monkeypatch.setattr(cli, "load_engine", load_engine)
     monkeypatch.setattr(server, "serve", serve)
-    assert cli.main(["serve", "--model", "tiny", "--port", "8123"]) == 0
+    assert cli.main(["serve", "--model", "tiny", "--port", "8123", "--stream-interval", "2"]) == 0
     runtime = built["runtime"]
+    assert built["stream_interval"] == 2
     assert built["thread"] is runtime.call(threading.current_thread) is not threading.current_thread()
     with running(built["engine"], runtime=runtime) as u:
         greedy_ok(u, engine.name, reference)

@@ -86,11 +86,13 @@ def test_context_runs_dense_answer_sparse(tiny_lm, one_thread):
         with torch.inference_mode():
             dense = torch.log_softmax(model(ids).logits[0, -len(cont):], -1)
         assert abs(ll - float(dense.gather(1, torch.tensor(cont)[:, None]).sum())) > 1e-4
-    # the counters saw the answer tails only (shared prefixes run once, dense, uncounted):
-    # the scored positions plus the right padding of the batched tails of a context
+    # the counters saw the answer tails only (shared prefixes run once, dense, uncounted,
+    # their padding too): the scored positions plus the right padding of the tails batched
+    # together (the distinct tails of the items sharing a batch, padded to the longest)
+    groups = list(T._prefix_groups([(None, *lm._encode_pair(*r.args)) for r in reqs], lm.max_length))
     padded = 0
-    for _, group in T._prefix_groups([(None, *lm._encode_pair(*r.args)) for r in reqs], lm.max_length):
-        tails = set(t for t, _ in group)
+    for chunk in T._item_chunks(groups, None):
+        tails = [t for i in chunk for t in dict.fromkeys(t for t, _ in groups[i][1])]
         padded += len(tails) * max(len(t) for t in tails)
     assert padded > sparse_positions
     assert counted == padded * sp.layers[0].d_ff

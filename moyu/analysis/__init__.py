@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -88,18 +88,14 @@ def analyze(model: nn.Module, tok=None, config: AnalyzeConfig | None = None, *,
     cfg.validate(layers[0].d_ff)
     if (eval_ids is None or calib_ids is None) and tok is None:
         raise MoyuError("analyze needs a tokenizer or both eval_ids and calib_ids")
+    bos = bos_prefix(model, tok)
+    cfg = fit_context(cfg, model, len(bos))
     from .. import data
     if eval_ids is None:
         eval_ids = data.tokens(tok, "eval", eval_needed(cfg), corpus=cfg.corpus)
     if calib_ids is None:
         calib_ids = data.tokens(tok, "calib", calib_needed(cfg), corpus=cfg.corpus)
     vocab, avoid = _vocab(model, tok)
-    bos = bos_prefix(model, tok)
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if ctx and cfg.prompt_n and prompt_seq_len(cfg) + len(bos) > ctx:
-        raise MoyuError(f"--prompt-n {cfg.prompt_n} needs {prompt_seq_len(cfg) + len(bos)} positions, the "
-                        f"model has {ctx}: pass --prompt-n <= {ctx - len(bos) - cfg.inertia_len + cfg.first_n} "
-                        "(or 0)")
     sp: Spans = make_spans(cfg, eval_ids, calib_ids, vocab, bos, avoid)
 
     total = (math.ceil(cfg.tokens / cfg.window) + cfg.probes
@@ -145,6 +141,17 @@ def _from_prompt(ine: dict) -> str:
     m = fp["mean"]
     return (f"; chosen from a {fp['first_n']}-token prompt (as GRIFFIN/TDA choose): "
             f"{m['overlap_natural']:.1%} natural vs {m['overlap_random']:.1%} random")
+
+
+def fit_context(cfg: AnalyzeConfig, model: nn.Module, n_bos: int) -> AnalyzeConfig:
+    """``cfg`` with the long-prompt inertia run shortened to the model's context window (or
+    skipped when not even ``first_n`` + 1 prompt tokens fit): the report's
+    ``inertia.from_prompt.first_n`` says what was used."""
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not ctx or not cfg.prompt_n or prompt_seq_len(cfg) + n_bos <= ctx:
+        return cfg
+    fit = ctx - n_bos - cfg.inertia_len + cfg.first_n
+    return replace(cfg, prompt_n=fit if fit > cfg.first_n else 0)
 
 
 def _verdict(ok: bool, partly: bool = False) -> str:
