@@ -257,20 +257,20 @@ def _item_chunks(groups: list, window: int | None) -> list[list[int]]:
 
     order = sorted((i for i in range(len(groups)) if fits(i)), key=lambda i: len(groups[i][0]))
     chunks: list[list[int]] = []
+    rows = width = 0                     # the last chunk's distinct tails and widest tail
     for i in order:
-        tails = len({t for t, _ in groups[i][1]})
-        width = max(len(t) for t, _ in groups[i][1])
-        if chunks:
-            c = chunks[-1]
-            rows = sum(len({t for t, _ in groups[j][1]}) for j in c) + tails
-            w = max(width, *(len(t) for j in c for t, _ in groups[j][1]))
-            # padding counts inside a sliding window: the chunk's widest prefix plus its widest
-            # tail must fit, not only this item's
-            if (len(c) < _MAX_ITEMS and (len(c) + 1) * len(groups[i][0]) <= _MAX_PREFIX_CELLS
-                    and rows * w <= _MAX_TAIL_CELLS and (not window or len(groups[i][0]) + w <= window)):
-                c.append(i)
-                continue
-        chunks.append([i])
+        prefix, group = groups[i]
+        tails = len({t for t, _ in group})
+        w = max(width, *(len(t) for t, _ in group))
+        # padding counts inside a sliding window: the chunk's widest prefix plus its widest
+        # tail must fit, not only this item's
+        if (chunks and len(chunks[-1]) < _MAX_ITEMS and (len(chunks[-1]) + 1) * len(prefix) <= _MAX_PREFIX_CELLS
+                and (rows + tails) * w <= _MAX_TAIL_CELLS and (not window or len(prefix) + w <= window)):
+            chunks[-1].append(i)
+            rows, width = rows + tails, w
+        else:
+            chunks.append([i])
+            rows, width = tails, max(len(t) for t, _ in group)
     return chunks
 
 
@@ -552,8 +552,11 @@ def _count(res: dict[str, Any], name: str) -> int:
 
 def _average(rows: dict[str, Any], with_sparse: bool) -> dict[str, float]:
     """Unweighted mean accuracy over the tasks (acc_norm where the task has it, else acc)."""
+    def metric(r: dict[str, float]) -> str:
+        return "acc_norm" if "acc_norm" in r else "acc"
+
     def main(r: dict[str, float]) -> float | None:
-        return r.get("acc_norm", r.get("acc"))
+        return r.get(metric(r))
     keys = [k for k, r in rows.items() if main(r["dense"]) is not None]
     if not keys:
         return {}
@@ -563,8 +566,7 @@ def _average(rows: dict[str, Any], with_sparse: bool) -> dict[str, float]:
         avg["diff"] = avg["sparse"] - avg["dense"]
         # the tasks' items are disjoint, so their paired differences are independent: the
         # average's standard error is sqrt(sum se_t^2) / T
-        ses = [rows[k]["diff"].get(("acc_norm" if "acc_norm" in rows[k]["dense"] else "acc") + "_stderr")
-               for k in keys]
+        ses = [rows[k]["diff"].get(metric(rows[k]["dense"]) + "_stderr") for k in keys]
         if all(se is not None and not math.isnan(se) for se in ses):
             avg["diff_stderr"] = math.sqrt(sum(se * se for se in ses)) / len(keys)
     return avg
