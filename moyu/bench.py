@@ -268,7 +268,9 @@ def decode_split(lean, ids: torch.Tensor, new: int) -> dict[str, dict[str, float
         L.qkv = [_Timed(f, acc, "attn_linears") for f in L.qkv]
         L.o = _Timed(L.o, acc, "attn_linears")
         L.mlp.decode = _Timed(L.mlp.decode, acc, "mlp")
-    head, core = lean.flat.lm_head, lean_mod.attn_decode
+    head, core, embed = lean.flat.lm_head, lean_mod.attn_decode, lean.flat.embed
+    if embed is None:   # a tied table: the embedding lookup keeps the unwrapped head
+        lean.flat.embed = head
     lean.flat.lm_head = _Timed(head, acc, "head")
     lean_mod.attn_decode = _Timed(core, acc, "attn_core")
     try:
@@ -283,7 +285,7 @@ def decode_split(lean, ids: torch.Tensor, new: int) -> dict[str, dict[str, float
         total = time.perf_counter() - t0
     finally:
         lean.fused = fused
-        lean.flat.lm_head, lean_mod.attn_decode = head, core
+        lean.flat.lm_head, lean_mod.attn_decode, lean.flat.embed = head, core, embed
         for L, qkv, o, dec in saved_layers:
             L.qkv, L.o = qkv, o
             if dec is None:

@@ -143,3 +143,17 @@ def test_runtime_outlives_the_hf_model(method):
     gc.collect()
     assert alive() is None and gate() is None
     assert torch.equal(lean.logits(ids, n_prefill=8), before)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_one_token_embedding_row_equals_the_sliced_rows(fmt):
+    """A decoded token's embedding comes from one row of the quantized table directly; it
+    must equal the rows a prompt lookup dequantizes, and refuse ids outside the table."""
+    from moyu.kernels import weight_format
+    from moyu.runtime.steps import DenseLinear
+    w = torch.randn(300, 70)
+    lin = DenseLinear(w, None, weight_format(fmt))
+    for r in (0, 123, 299):
+        assert torch.equal(lin.rows(torch.tensor([r])), lin.rows(torch.tensor([r, r]))[:1])
+    with pytest.raises(IndexError):
+        lin.rows(torch.tensor([300]))

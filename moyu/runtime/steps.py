@@ -258,6 +258,11 @@ class DenseLinear:
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``W[ids]`` as float32 (the embedding lookup of a tied lm_head)."""
         if self.q is not None:
+            if ids.numel() == 1:   # a decoded token: one row straight from the codes (~10x faster)
+                r = int(ids.reshape(-1)[0])
+                if not 0 <= r < self.q.rows:
+                    raise IndexError(f"row index out of range [0, {self.q.rows})")
+                return _rows_f32(self.q, r, r + 1)
             return self.q.slice(ids).dequantize()
         if self.qt is not None:
             raise MoyuError("a transposed quantized linear cannot serve embedding rows")
