@@ -528,6 +528,29 @@ def test_attn_decode_matches_reference(backend, heads, n_kv, hd, half, lo, softc
     assert torch.equal(q, q0) and torch.equal(k, k0)                      # inputs untouched
 
 
+def test_attn_decode_heads_split_over_threads_give_the_same_bits(backend):
+    """Past 2^15 heads x positions x head_dim the heads are split over threads; each head's
+    arithmetic is unchanged, so the result equals the one-thread result bit for bit."""
+    from moyu.kernels import attn_decode
+    torch.manual_seed(4)
+    heads, n_kv, hd, S, pos = 9, 3, 64, 200, 150
+    base = (torch.randn(heads * hd), torch.randn(n_kv * hd), torch.randn(n_kv * hd))
+    caches = torch.randn(n_kv, S, hd), torch.randn(n_kv, S, hd)
+    ang = torch.rand(hd // 2) * 6
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            kc, vc = caches[0].clone(), caches[1].clone()
+            outs.append(attn_decode(*base, kc, vc, pos, 0, ang.cos(), ang.sin(), hd ** -0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    want, _ = _attn_reference(*base, caches[0][:, :pos], caches[1][:, :pos], ang.cos(), ang.sin(), hd ** -0.5, 0.0)
+    torch.testing.assert_close(outs[0], want, atol=1e-5, rtol=1e-5)
+
+
 def test_attn_decode_rejects_bad_shapes(backend):
     from moyu.kernels import attn_decode
     kc = torch.zeros(2, 4, 8)

@@ -404,6 +404,35 @@ def test_multithreaded_chunks(monkeypatch):
 
 
 @needs_cpp
+def test_prefetch_distances_change_no_bit_and_reject_bad_values(monkeypatch):
+    """The dot products' and the axpy passes' prefetch distances are timing knobs only."""
+    monkeypatch.setattr(quant_ops, "_impl", _CPP)
+    mlp = QMlp("int8", "silu", True, True, d=256, d_ff=1024, seed=7)
+    x, a = torch.randn(256), torch.randn(1024)
+    idx = torch.randperm(1024)[:600]
+
+    def run():
+        return (q_matvec(x, mlp.q.w_in), q_mlp(x, mlp.q, idx), q_axpy(a, mlp.q.w_down_t, tau=0.3))
+
+    base = run()
+    try:
+        for rows, passes in ((4, 1), (64, 8)):
+            _CPP.set_dot_prefetch(rows)
+            _CPP.set_axpy_prefetch(passes)
+            for got, want in zip(run(), base):
+                assert torch.equal(got, want)
+        for bad in (0, 6, 68):
+            with pytest.raises(RuntimeError, match="set_dot_prefetch"):
+                _CPP.set_dot_prefetch(bad)
+        for bad in (0, 9):
+            with pytest.raises(RuntimeError, match="set_axpy_prefetch"):
+                _CPP.set_axpy_prefetch(bad)
+    finally:
+        _CPP.set_dot_prefetch(16)
+        _CPP.set_axpy_prefetch(3)
+
+
+@needs_cpp
 def test_isa_selection():
     assert set(_PATHS) >= {"scalar"}
     before = _CPP.get_isa()

@@ -40,24 +40,51 @@ inline void rope_row(const AttnArgs& a, const float* src, float* dst, float mul)
     for (int64_t i = 0; i < a.hd; ++i) dst[i] *= mul;
 }
 
-// Writes k and v of position pos into the caches and out[heads * hd] = attention of q over
-// positions lo..pos. scratch: heads * hd + heads * (pos - lo + 1) floats.
-inline void attend(const AttnArgs& a, const float* q, const float* k, const float* v, float* out,
-                   float* scratch) {
-  const int64_t hd = a.hd, S = a.S, group = a.heads / a.n_kv, n = a.pos - a.lo + 1;
+// exp(x) for x <= 0 (softmax after subtracting the maximum), in plain arithmetic the compiler
+// vectorises: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes' expf
+// coefficients, ~1 ulp), and 2^n from the exponent bits. Below -87.3 it returns ~1e-38 (a
+// weight that vanishes next to the maximum's 1) instead of a denormal or zero.
+inline float exp_neg(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float p2;
+  std::memcpy(&p2, &bits, sizeof(p2));
+  return y * p2;
+}
+
+// Writes k and v of position pos into the caches and the rotated, scaled queries into
+// qs[heads * hd]: the part of a decode position every head's attention needs first.
+inline void attend_prepare(const AttnArgs& a, const float* q, const float* k, const float* v, float* qs) {
+  const int64_t hd = a.hd, S = a.S;
   for (int64_t j = 0; j < a.n_kv; ++j) {
     float* kd = a.kc + (j * S + a.pos) * hd;
     if (a.cos) rope_row(a, k + j * hd, kd, 1.0f);
     else for (int64_t i = 0; i < hd; ++i) kd[i] = k[j * hd + i];
     std::memcpy(a.vc + (j * S + a.pos) * hd, v + j * hd, hd * sizeof(float));
   }
-  float* qs = scratch;
-  float* p = scratch + a.heads * hd;
   for (int64_t h = 0; h < a.heads; ++h) {
     if (a.cos) rope_row(a, q + h * hd, qs + h * hd, a.scale);
     else for (int64_t i = 0; i < hd; ++i) qs[h * hd + i] = q[h * hd + i] * a.scale;
   }
-  for (int64_t h = 0; h < a.heads; ++h) {
+}
+
+constexpr int64_t kAttendAcc = 128;   // head dims summed per pass over the values
+
+// out[h * hd ..] = attention of head h over positions lo..pos, for heads h0 <= h < h1
+// (after attend_prepare). p: scratch of heads * (pos - lo + 1) floats; head h uses only its
+// own slice, so disjoint head ranges can run on different threads.
+inline void attend_heads(const AttnArgs& a, const float* qs, int64_t h0, int64_t h1, float* out, float* p) {
+  const int64_t hd = a.hd, S = a.S, group = a.heads / a.n_kv, n = a.pos - a.lo + 1;
+  for (int64_t h = h0; h < h1; ++h) {
     const int64_t j = h / group;
     const float* kr = a.kc + (j * S + a.lo) * hd;
     const float* vr = a.vc + (j * S + a.lo) * hd;
@@ -68,15 +95,30 @@ inline void attend(const AttnArgs& a, const float* q, const float* k, const floa
       if (a.cap > 0.0f) s = std::tanh(s / a.cap) * a.cap;
       mx = std::max(mx, ph[t] = s);
     }
+    for (int64_t t = 0; t < n; ++t) ph[t] = exp_neg(ph[t] - mx);
     float sum = 0.0f;
-    for (int64_t t = 0; t < n; ++t) sum += (ph[t] = std::exp(ph[t] - mx));
+    for (int64_t t = 0; t < n; ++t) sum += ph[t];
     const float inv = 1.0f / sum;
-    float* o = out + h * hd;
-    for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
-    for (int64_t t = 0; t < n; ++t) {
-      const float w = ph[t] * inv;
-      const float* vt = vr + t * hd;
-      for (int64_t i = 0; i < hd; ++i) o[i] += w * vt[i];
+    // The weighted sum of v in a local accumulator: with `out` as the target the compiler
+    // must assume it may alias the cache and reloads and stores it for every position.
+    float acc[kAttendAcc];
+    for (int64_t i0 = 0; i0 < hd; i0 += kAttendAcc) {
+      const int64_t m = std::min<int64_t>(kAttendAcc, hd - i0);
+      for (int64_t i = 0; i < m; ++i) acc[i] = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = ph[t] * inv;
+        const float* __restrict vt = vr + t * hd + i0;
+        for (int64_t i = 0; i < m; ++i) acc[i] += w * vt[i];
+      }
+      for (int64_t i = 0; i < m; ++i) out[h * hd + i0 + i] = acc[i];
     }
   }
+}
+
+// Writes k and v of position pos into the caches and out[heads * hd] = attention of q over
+// positions lo..pos, on the calling thread. scratch: heads * hd + heads * (pos - lo + 1) floats.
+inline void attend(const AttnArgs& a, const float* q, const float* k, const float* v, float* out,
+                   float* scratch) {
+  attend_prepare(a, q, k, v, scratch);
+  attend_heads(a, scratch, 0, a.heads, out, scratch + a.heads * a.hd);
 }

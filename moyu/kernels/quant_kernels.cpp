@@ -30,6 +30,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -51,6 +53,10 @@ using moyu_core::AttnArgs;
 
 constexpr int64_t kBlk = 32;
 constexpr int kGroup = 8;             // rows summed per pass over the output in axpy
+// Rows ahead of the current four that dot4 prefetches (set_dot_prefetch; a multiple of 4).
+int g_ahead4 = 16;
+// Passes ahead whose rows an axpy pass prefetches (set_axpy_prefetch).
+int64_t g_axpy_passes = 3;
 constexpr int64_t kMinPerChunk = 32;  // fewer listed rows than this per thread: fewer threads
 
 enum Fmt : int64_t { kInt8 = 0, kInt4 = 1 };
@@ -409,12 +415,12 @@ void dot4_i8(const QM& w, int64_t r, const XQ& x, float* out) {
   // Four rows read side by side are four short streams the hardware prefetcher does not
   // follow (2x slower from DRAM than one row at a time): the next four rows' lines are
   // prefetched during this pass, as the axpy passes do.
-  const bool ahead = r + 8 <= w.rows;
+  const bool ahead = r + 4 + g_ahead4 <= w.rows;
   if (ahead)
-    for (int k = 4; k < 8; ++k) __builtin_prefetch(w.d + (r + k) * w.nb, 0, 2);
+    for (int k = g_ahead4; k < g_ahead4 + 4; ++k) __builtin_prefetch(w.d + (r + k) * w.nb, 0, 2);
   for (; b + 4 <= w.nb; b += 4) {
     if (ahead)
-      for (int k = 4; k < 8; ++k) {
+      for (int k = g_ahead4; k < g_ahead4 + 4; ++k) {
         __builtin_prefetch(w.codes(r + k) + b * kBlk, 0, 2);
         __builtin_prefetch(w.codes(r + k) + (b + 2) * kBlk, 0, 2);
       }
@@ -432,7 +438,7 @@ void dot4_i8(const QM& w, int64_t r, const XQ& x, float* out) {
   }
   if (ahead)
     for (int64_t t = b; t < w.nb; t += 2)
-      for (int k = 4; k < 8; ++k) __builtin_prefetch(w.codes(r + k) + t * kBlk, 0, 2);
+      for (int k = g_ahead4; k < g_ahead4 + 4; ++k) __builtin_prefetch(w.codes(r + k) + t * kBlk, 0, 2);
   const __m256i off8 = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int k = 0; k < 4; ++k) {
     __m256 tail = _mm256_setzero_ps();
@@ -603,6 +609,16 @@ Kern kernels(int64_t fmt) {
 int64_t g_ahead = 0;
 bool g_prefetch = true;
 
+void set_dot_prefetch(int64_t rows) {
+  TORCH_CHECK(rows >= 4 && rows <= 64 && rows % 4 == 0, "set_dot_prefetch: rows must be a multiple of 4 in [4, 64]");
+  g_ahead4 = static_cast<int>(rows);
+}
+
+void set_axpy_prefetch(int64_t passes) {
+  TORCH_CHECK(passes >= 1 && passes <= 8, "set_axpy_prefetch: passes must be in [1, 8]");
+  g_axpy_passes = passes;
+}
+
 void set_prefetch(int64_t rows) {
   g_ahead = std::max<int64_t>(0, rows);
   g_prefetch = rows >= 0;
@@ -738,7 +754,8 @@ int64_t run_chunked(int64_t k, int64_t width, int64_t cols, const float* bias, f
 inline void axpy_list(const Kern& k, const QM& w, const int64_t* ids, const float* coef, int64_t n, float* acc) {
   for (int64_t p = 0; p < n; p += kGroup) {
     const int m = static_cast<int>(std::min<int64_t>(kGroup, n - p));
-    const Ahead next{ids + p + m, g_prefetch ? static_cast<int>(std::min<int64_t>(kGroup, n - p - m)) : 0};
+    const int64_t from = p + m + (g_axpy_passes - 1) * kGroup;
+    const Ahead next{ids + from, g_prefetch && from < n ? static_cast<int>(std::min<int64_t>(kGroup, n - from)) : 0};
     k.axpy(w, m, ids + p, coef + p, acc, next);
   }
 }
@@ -1077,6 +1094,12 @@ at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& q
 
 // ------------------------------------------------------------------ whole decode layers
 
+// Heads per thread for one decode position's attention: all on the calling thread while the
+// work (heads x positions x head_dim) is too small to pay for a parallel region (~3-5 us).
+inline int64_t attend_grain(int64_t heads, int64_t n, int64_t hd) {
+  return heads * n * hd >= (int64_t{1} << 15) ? 1 : heads;
+}
+
 // Decode plan: every layer of a pre-norm decoder with quantized linears run by one call per
 // token. Per layer: RMSNorm, fused qkv (+bias), per-head q/k RMSNorms (optional), attention
 // with RoPE and the cache write, o (+bias), an output RMSNorm (optional, Gemma 2/3),
@@ -1173,16 +1196,21 @@ class Plan {
     float* hp = h.data_ptr<float>();
 #if MOYUQ_X86
     auto rms = g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
-    auto attend = g_isa >= kAvx2 ? avx2::attend : scalar::attend;
+    auto prepare = g_isa >= kAvx2 ? avx2::attend_prepare : scalar::attend_prepare;
+    auto attend_heads = g_isa >= kAvx2 ? avx2::attend_heads : scalar::attend_heads;
 #else
     auto rms = scalar::rms_row;
-    auto attend = scalar::attend;
+    auto prepare = scalar::attend_prepare;
+    auto attend_heads = scalar::attend_heads;
 #endif
+    Clock clock(timing_ ? &times_ : nullptr);
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       TORCH_CHECK(pos >= 0 && pos < L.S, "Plan.step: position ", pos, " outside the cache (", L.S, ")");
       rms(hp, L.ln1, d_, L.eps1, x_.data());
+      clock.lap(kRest);
       matvec_all(L.qkv, x_.data(), L.b_qkv, qkv_.data());
+      clock.lap(kAttnLinears);
       if (L.qn) {   // per-head norms of q and k (in place), before RoPE
         for (int64_t j = 0; j < heads_; ++j) rms(qkv_.data() + j * hd_, L.qn, hd_, L.eps_qk, qkv_.data() + j * hd_);
         for (int64_t j = 0; j < n_kv_; ++j) rms(qkv_.data() + qn + j * hd_, L.kn, hd_, L.eps_qk, qkv_.data() + qn + j * hd_);
@@ -1191,21 +1219,40 @@ class Plan {
       AttnArgs a{L.kc, L.vc, L.S, hd_, n_kv_, heads_, pos, lo, L.cos ? L.cos + pos * L.half : nullptr,
                  L.sin ? L.sin + pos * L.half : nullptr, L.half, L.scale, L.cap};
       float* scr = scratch<float, 20>(qn + heads_ * (pos - lo + 1));
-      attend(a, qkv_.data(), qkv_.data() + qn, qkv_.data() + qn + kn, att_.data(), scr);
+      prepare(a, qkv_.data(), qkv_.data() + qn, qkv_.data() + qn + kn, scr);
+      at::parallel_for(0, heads_, attend_grain(heads_, pos - lo + 1, hd_), [&](int64_t h0, int64_t h1) {
+        attend_heads(a, scr, h0, h1, att_.data(), scr + qn);
+      });
+      clock.lap(kAttnCore);
       matvec_all(L.o, att_.data(), L.b_o, y_.data());
+      clock.lap(kAttnLinears);
       if (L.ln_ao) rms(y_.data(), L.ln_ao, d_, L.eps_ao, y_.data());
       for (int64_t i = 0; i < d_; ++i) hp[i] += y_[i];
       rms(hp, L.ln2, d_, L.eps2, x_.data());
       std::vector<XQ>& xq = quantize_rows(x_.data(), 1, d_, L.mlp.win.nb);
       const List all = index_list(c10::nullopt, L.mlp.wdt.rows, false);
+      clock.lap(kRest);
       kp[li] = mlp_row(L.mlp, all, xq[0], L.b_down, y_.data());
+      clock.lap(kMlp);
       if (L.ln_mo) rms(y_.data(), L.ln_mo, d_, L.eps_mo, y_.data());
       for (int64_t i = 0; i < d_; ++i) hp[i] += y_[i];
     }
+    clock.lap(kRest);
     return kept;
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+  // Per-part timers of step() (seconds summed over the steps since the last read; off by
+  // default): [MLP, attention linears (qkv, o), attention core, the rest (norms, residuals,
+  // activation quantization)]. Reading them resets them.
+  void set_timing(bool on) { timing_ = on; }
+  at::Tensor read_times() {
+    at::Tensor t = at::empty({kParts}, at::kDouble);
+    for (int i = 0; i < kParts; ++i) t.data_ptr<double>()[i] = times_[i];
+    times_.fill(0.0);
+    return t;
+  }
 
  private:
   struct Layer {
@@ -1227,6 +1274,25 @@ class Plan {
     matvec_rows(w, kernels(w.fmt), index_list(c10::nullopt, w.rows, false), xq, 1, b, y);
   }
 
+  enum Part { kMlp, kAttnLinears, kAttnCore, kRest, kParts };
+  using Times = std::array<double, kParts>;
+  // Adds the time since the previous lap to one part; does nothing when times is null.
+  struct Clock {
+    Times* times;
+    std::chrono::steady_clock::time_point t;
+    explicit Clock(Times* tt) : times(tt) {
+      if (times) t = std::chrono::steady_clock::now();
+    }
+    void lap(int part) {
+      if (!times) return;
+      const auto now = std::chrono::steady_clock::now();
+      (*times)[part] += std::chrono::duration<double>(now - t).count();
+      t = now;
+    }
+  };
+
+  bool timing_ = false;
+  Times times_{};
   int64_t d_, heads_, n_kv_, hd_;
   std::vector<float> x_, y_, qkv_, att_;   // one token's activations, reused (steps run one at a time)
   std::vector<Layer> layers_;
@@ -1250,6 +1316,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t>())
       .def("add_layer", &moyuq::Plan::add_layer)
       .def("step", &moyuq::Plan::step, release())
+      .def("set_timing", &moyuq::Plan::set_timing, "turn the per-part timers of step() on or off")
+      .def("read_times", &moyuq::Plan::read_times,
+           "seconds per part since the last read: [mlp, attn_linears, attn_core, rest]; resets them")
       .def("__len__", &moyuq::Plan::size);
+  m.def("set_dot_prefetch", &moyuq::set_dot_prefetch, "rows ahead that the four-row dot products prefetch");
+  m.def("set_axpy_prefetch", &moyuq::set_axpy_prefetch, "passes ahead whose rows an axpy pass prefetches");
   m.def("set_prefetch", &moyuq::set_prefetch, "software prefetch: -1 none, 0 axpy passes only (default), n > 0 also n rows ahead in dot loops");
 }

@@ -798,8 +798,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const c10::optional<at::Tensor>& wei
 // One new position of causal attention for every head, with the KV-cache write and the
 // rotary embedding fused in. At batch 1 the arithmetic is microseconds; what it replaces
 // is ~15 ATen calls per layer (views, RoPE, cache copies, bmm, softmax, bmm) whose
-// dispatch and parallel-region entry cost ~50-80 us per layer. It runs on the calling
-// thread only: the work is far too small to pay for waking a second one.
+// dispatch and parallel-region entry cost ~50-80 us per layer. Heads run on the calling
+// thread until heads x positions x head_dim reaches 2^15, then split over the threads.
 //   q [H*hd], k/v [Hkv*hd] (contiguous, e.g. slices of the fused qkv output)
 //   kc/vc [Hkv, S, hd] (the layer's cache; row `pos` is written here)
 //   cos/sin [half] or None: rotate-half RoPE over the first 2*half dims of q and k
@@ -835,8 +835,14 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor out = at::empty({H * hd}, q.options());
   const AttnArgs args{kc.data_ptr<float>(), vc.data_ptr<float>(), S, hd, n_kv, H, pos, lo, cs, sn, half,
                       static_cast<float>(scale), static_cast<float>(softcap)};
-  std::vector<float> scratch(H * hd + H * (pos - lo + 1));
-  attend(args, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), scratch.data());
+  const int64_t n = pos - lo + 1;
+  std::vector<float> scratch(H * hd + H * n);
+  attend_prepare(args, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), scratch.data());
+  // heads split over threads once the work pays for a parallel region (as the fused loop does)
+  const int64_t grain = H * n * hd >= (int64_t{1} << 15) ? 1 : H;
+  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+    attend_heads(args, scratch.data(), h0, h1, out.data_ptr<float>(), scratch.data() + H * hd);
+  });
   return out;
 }
 
