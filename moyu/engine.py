@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -281,6 +282,9 @@ class Engine:
             out.finish_reason = "cancelled"
             t0 = time.perf_counter()
             logits = self.runtime.prefill(torch.tensor(ids, dtype=torch.long))
+            # the lean runtime reuses one logits buffer: each step's logits are used up by pick first
+            step = (partial(self.runtime.decode_step, reuse_logits=True) if isinstance(self.runtime, LeanModel)
+                    else self.runtime.decode_step)
             t1 = time.perf_counter()
             out.prefill_s = t1 - t0
             while True:
@@ -303,7 +307,7 @@ class Engine:
                 if cancel is not None and cancel():
                     out.finish_reason = "cancelled"
                     return
-                logits = self.runtime.decode_step(tok)
+                logits = step(tok)
             piece, stopped = stops.feed(detok.flush())
             piece += "" if stopped else stops.flush()
             if piece:

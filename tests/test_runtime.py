@@ -107,6 +107,30 @@ def test_sampling_is_seeded():
     assert a.tolist() == b.tolist()
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_reused_logits_buffer_holds_the_same_logits(fmt):
+    """decode_step(reuse_logits=True) writes into one kept buffer (quantized heads) and gives
+    the logits a fresh tensor would hold."""
+    ids = _ids(10)
+    a, b = (LeanModel.from_hf(tiny_model("llama"), weights=fmt, max_seq=32) for _ in range(2))
+    a.prefill(ids)
+    b.prefill(ids)
+    held = []   # every returned tensor stays alive, so only reuse can repeat an address
+    for t in (5, 9, 17):
+        fresh, reused = a.decode_step(t), b.decode_step(t, reuse_logits=True)
+        assert torch.equal(fresh, reused)
+        held.append(reused)
+    assert len({r.data_ptr() for r in held}) == (1 if fmt == "int8" else 3)
+
+
+def test_greedy_pick_is_the_first_maximum():
+    """The greedy pick (numpy's argmax on float32) keeps torch.argmax's rule: the first of
+    tied maxima."""
+    x = torch.tensor([0.5, 2.0, -1.0, 2.0, 1.0])
+    assert LeanModel.pick(x, True, 1.0, 1.0, None) == 1 == int(torch.argmax(x))
+    assert LeanModel.pick(x.double(), True, 1.0, 1.0, None) == 1
+
+
 def test_packed_prefill_matches_layer():
     from moyu.arch import mlp_layers
     from moyu.runtime import pack_layer

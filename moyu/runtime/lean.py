@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,6 +81,7 @@ class LeanModel:
         self.pos = 0
         self.fused = True
         self._plan = False   # built at the first decode step (False: not tried yet)
+        self._logits: Tensor | None = None   # decode_step(reuse_logits=True)'s buffer
         self._unfused_reason: str | None = None
 
     @classmethod
@@ -185,13 +187,13 @@ class LeanModel:
             h = h + s.pos_table[p0:p0 + ids.shape[0]]
         return h
 
-    def _head(self, h: Tensor) -> Tensor:
+    def _head(self, h: Tensor, out: Tensor | None = None) -> Tensor:
         s = self.flat
         if s.final_norm is not None:
             h = s.final_norm(h)
         if s.project_out is not None:
             h = s.project_out(h)
-        logits = s.lm_head(h)
+        logits = s.lm_head(h) if out is None else s.lm_head(h, out=out)
         if s.logit_scale != 1.0:
             logits = logits * s.logit_scale
         if s.final_softcap:
@@ -301,8 +303,13 @@ class LeanModel:
         return self._head(h[-1])
 
     @torch.inference_mode()
-    def decode_step(self, token_id: int | Tensor) -> Tensor:
-        """Append one token at the current position; its next-token logits ``[vocab]``."""
+    def decode_step(self, token_id: int | Tensor, reuse_logits: bool = False) -> Tensor:
+        """Append one token at the current position; its next-token logits ``[vocab]``.
+
+        ``reuse_logits``: write the logits into a buffer the runtime keeps and reuses at the
+        next such call (for a caller that is done with them before then, like a sampling
+        loop): a fresh ``[vocab]`` tensor per token costs ~0.1 ms of page faults here.
+        """
         self._check_room(1)
         pos = self.pos
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
@@ -315,6 +322,10 @@ class LeanModel:
             for li, L in enumerate(self.flat.layers):
                 h = self._layer(li, L, h, pos)
         self.pos = pos + 1
+        if reuse_logits and isinstance(self.flat.lm_head, DenseLinear):
+            if self._logits is None:
+                self._logits = torch.empty(self.flat.lm_head.out_features)
+            return self._head(h, self._logits)
         return self._head(h)
 
     @torch.inference_mode()
@@ -349,7 +360,7 @@ class LeanModel:
             out.append(tok)
             if tok in eos or step == max_new_tokens - 1:
                 break
-            logits = self.decode_step(tok)
+            logits = self.decode_step(tok, reuse_logits=True)
         t2 = time.perf_counter()
         return torch.tensor(out, dtype=torch.long), Timings(t1 - t0, t2 - t1, ids.shape[0], len(out))
 
@@ -364,6 +375,8 @@ class LeanModel:
         """The next token: argmax, or a draw with temperature and nucleus (top-p) filtering
         (what :meth:`generate` and the serving engine both use, so seeded draws agree)."""
         if greedy or temperature <= 0:
+            if logits.dtype == torch.float32 and logits.dim() == 1:
+                return int(np.argmax(logits.numpy()))   # 8x faster than torch.argmax here; same first-max rule
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         if top_p < 1.0:

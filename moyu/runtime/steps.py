@@ -238,11 +238,14 @@ class DenseLinear:
             self.packed = K.pack_linear(weight.detach(), self.bias, self.fmt)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``W x + b``. ``out``: a float32 ``[out_features]`` buffer that a single quantized
+        position writes into (saves allocating, and page-faulting, a large output such as
+        the logits every token); other paths ignore it."""
         if self.q is not None:
             if x.dim() == 1:
                 from ..kernels.quant_ops import q_matvec
-                return q_matvec(x, self.q, None, self.bias)
+                return q_matvec(x, self.q, None, self.bias, out=out)
             y = rows_matmul(x, self.q)
         elif self.qt is not None:
             if x.dim() == 1:
