@@ -7,7 +7,8 @@ One resumable script for issue 11's grid. Per model (built-ins that are installe
   prose and the code corpus (``moyu sweep``'s protocol; one cell per method so an
   interrupted run loses at most one method's points);
 * ``bench``: decode speed at batch 1 (HF, moyu dense, moyu ``sketch-reuse`` 50 %, and the
-  llama.cpp peer when ``llama-cpp-python`` is installed).
+  llama.cpp peer when ``llama-cpp-python`` is installed), in fp32 (cell ``bench``) or the
+  ``--bench-weights`` format (cell ``bench-<format>``).
 
 Every finished cell is a JSON file under ``OUT/cells/<model>/`` (written, then renamed);
 a rerun skips it, so hours of work survive interruptions. ``--report`` (also run at the
@@ -16,7 +17,8 @@ each MOYU statistic and each method's perplexity change at 50 % against paramete
 
     python benchmarks/scale_study.py [--models smollm2-135m,...] [--cells analyze,sweep,bench]
         [--corpora prose,code] [--methods ...] [--sparsities 0.3,0.5,0.7] [--tokens 2305]
-        [--calib-tokens 8192] [--bench-tokens 128] [--bench-runs 3] [--out docs/results/scale] [--report]
+        [--calib-tokens 8192] [--bench-tokens 128] [--bench-runs 3] [--bench-weights fp32|bf16|int8|int4]
+        [--bench-no-hf] [--out docs/results/scale] [--report]
 """
 from __future__ import annotations
 
@@ -109,8 +111,10 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         if "sweep" in kinds:
             todo += [f"sweep-{c}-{m}" for c in args.corpora for m in args.methods
                      if not (cells / f"sweep-{c}-{m}.json").exists()]
-        if "bench" in kinds and not (cells / "bench.json").exists():
-            todo.append("bench")
+        weights = getattr(args, "bench_weights", "fp32")
+        bench_cell = "bench" if weights == "fp32" else f"bench-{weights}"
+        if "bench" in kinds and not (cells / f"{bench_cell}.json").exists():
+            todo.append(bench_cell)
         if not todo:
             continue
         model, tok = load(name)
@@ -132,11 +136,13 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
                           "tokens": args.tokens, "calib_tokens": args.calib_tokens}
             else:
                 from moyu.bench import bench
-                from moyu.models import builtin_gguf
+                from moyu.models import BUILTINS, builtin_gguf
                 prof = calibrate(model, calibration_ids(tok, args.calib_tokens), method="sketch-reuse",
                                  sparsity=0.5)
                 result = bench(model, tok, prof, data.tokens(tok, "eval", 64), new_tokens=args.bench_tokens,
-                               runs=args.bench_runs, gguf=str(builtin_gguf(name)))
+                               runs=args.bench_runs, weights=getattr(args, "bench_weights", "fp32"),
+                               gguf=str(builtin_gguf(name)) if name in BUILTINS else None,
+                               include_hf=not getattr(args, "bench_no_hf", False), progress=False)
             if "seconds" in result:   # an analyze report's per-stage times: kept under their own key
                 result["stage_seconds"] = result.pop("seconds")
             result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -268,14 +274,16 @@ def report(out: Path) -> None:
     if protocol:
         lines += ["", "Sweep protocol (evaluation tokens, calibration tokens per corpus): "
                   + "; ".join(f"{t}, {c}" for t, c in protocol)]
-    benches = [(m["model"], m["cells"]["bench"]) for m in g["models"] if "bench" in m["cells"]]
+    benches = [(m["model"], c) for m in g["models"] for k, c in sorted(m["cells"].items())
+               if k == "bench" or k.startswith("bench-")]
     if benches:
-        lines += ["", "| model | moyu dense tok/s | sketch-reuse 50 % tok/s | speedup vs dense | vs llama.cpp |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "| model | weights | moyu dense tok/s | sketch-reuse 50 % tok/s | speedup vs dense | vs llama.cpp |",
+                  "|---|---|---:|---:|---:|---:|"]
         for name, b in benches:
             dense, sparse = b.get("moyu_dense", {}), b.get("moyu_sparse", {})
             peer = b.get("speedup_vs_llamacpp")
-            lines.append(f"| {name} | {dense.get('tok_s', float('nan')):.1f} | {sparse.get('tok_s', float('nan')):.1f} "
+            lines.append(f"| {name} | {b.get('weights', 'fp32')} | {dense.get('tok_s', float('nan')):.1f} "
+                         f"| {sparse.get('tok_s', float('nan')):.1f} "
                          f"| {b.get('speedup_vs_dense', float('nan')):.2f} | {'-' if peer is None else f'{peer:.2f}'} |")
     write_json(out / "scale.json", g)
     tmp = out / "scale.md.tmp"
@@ -330,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--bench-tokens", type=int, default=128, help="decoded tokens per bench run")
     ap.add_argument("--bench-runs", type=int, default=3, help="bench rounds (medians are reported)")
+    ap.add_argument("--bench-weights", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+                    help="runtime weight format of the bench cell (bf16 lets the 1.5B model's "
+                         "dense and sparse runtimes fit beside its fp32 HF model in 24 GB)")
+    ap.add_argument("--bench-no-hf", action="store_true", help="skip the HF generate baseline in the bench cell")
     ap.add_argument("--out", default="docs/results/scale")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
     ap.add_argument("--sweeps-to", metavar="DEST",

@@ -97,3 +97,18 @@ def test_ranking_marks_overlapping_intervals(tmp_path, capsys):
     line = summ.ranking(at_targets(rows, [0.5]), 0.5, rows)
     # a and b overlap (~), b and c are apart (<); b's single point says where it was measured
     assert line == "a +2.0 [+1.0, +3.0] ~ b +2.5 [+2.0, +4.0] (0.490) < c +30.0 [+25.0, +35.0]"
+
+
+def test_bench_cell_in_another_format_is_its_own_cell(tmp_path, tiny_gguf):
+    """--bench-weights int8 writes cells/<model>/bench-int8.json (an fp32 bench cell would be
+    bench.json) and the report lists it with its format."""
+    import moyu
+    args = scale_study.argparse.Namespace(
+        models=["tiny"], cells="bench", corpora=["prose"], methods=[], sparsities=[0.5], tokens=600,
+        calib_tokens=800, out=str(tmp_path), bench_tokens=4, bench_runs=1, bench_weights="int8",
+        bench_no_hf=True)
+    scale_study.run_cells(args, load=lambda name: moyu.load(str(tiny_gguf), verbose=False))
+    cell = json.loads((tmp_path / "cells" / "tiny" / "bench-int8.json").read_text())
+    assert cell["weights"] == "int8" and "moyu_sparse" in cell and "hf" not in cell
+    scale_study.report(tmp_path)
+    assert "| tiny | int8 |" in (tmp_path / "scale.md").read_text()
