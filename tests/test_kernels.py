@@ -528,6 +528,24 @@ def test_attn_decode_matches_reference(backend, heads, n_kv, hd, half, lo, softc
     assert torch.equal(q, q0) and torch.equal(k, k0)                      # inputs untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_matvec_matches_linear(backend, dtype):
+    """The row-major matvec of a float lm_head equals F.linear on the widened weights, with
+    a bias, into a given output, and refuses a batch."""
+    from moyu.kernels import rows_matvec
+    torch.manual_seed(5)
+    w, x, b = torch.randn(203, 70).to(dtype), torch.randn(70), torch.randn(203)
+    want = torch.nn.functional.linear(x, w.float(), b)
+    out = torch.empty(203)
+    got = rows_matvec(x, w, b, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows_matvec(x, w), want - b, atol=1e-5, rtol=1e-5)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match="one position"):
+            rows_matvec(torch.randn(2, 70), w)
+
+
 def test_attn_decode_heads_split_over_threads_give_the_same_bits(backend):
     """Past 2^15 heads x positions x head_dim the heads are split over threads; each head's
     arithmetic is unchanged, so the result equals the one-thread result bit for bit."""

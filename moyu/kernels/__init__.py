@@ -14,8 +14,8 @@ Quantized weights (int8 = GGUF Q8_0 blocks, int4 = GGUF Q4_1 blocks): :mod:`.qua
 :func:`q_mlp_act`), built from ``quant_kernels.cpp`` with run-time ISA dispatch.
 """
 from .formats import FORMATS, WeightFormat, weight_format
-from .ops import (attn_decode, backend_name, input_sparse_linear, rms_norm, sketch_act, sketch_mlp,
-                  sparse_mlp, sparse_mlp_threshold)
+from .ops import (attn_decode, backend_name, input_sparse_linear, rms_norm, rows_matvec, sketch_act,
+                  sketch_mlp, sparse_mlp, sparse_mlp_threshold)
 from ._torch_impl import one_thread, rope_
 from .packing import (ACTIVATION_FNS, ACTIVATIONS, PackedLinear, PackedMLP, activation_id,
                       activation_kind, pack_linear, pack_mlp)
@@ -26,7 +26,7 @@ from .quant_ops import (q_axpy, q_matvec, q_mlp, q_mlp_act, q_mlp_threshold, q_s
 __all__ = [
     "ACTIVATIONS", "ACTIVATION_FNS", "FORMATS", "PackedLinear", "PackedMLP", "WeightFormat",
     "activation_id", "activation_kind", "attn_decode", "backend_name", "input_sparse_linear",
-    "one_thread", "pack_linear", "pack_mlp", "rms_norm", "rope_", "sketch_act", "sketch_mlp", "sparse_mlp",
+    "one_thread", "pack_linear", "pack_mlp", "rms_norm", "rope_", "rows_matvec", "sketch_act", "sketch_mlp", "sparse_mlp",
     "sparse_mlp_threshold", "weight_format",
     "QUANT_FORMATS", "QuantMLP", "QuantMatrix", "from_gguf", "interleave_rows", "q_axpy", "q_matvec", "q_mlp",
     "q_mlp_act", "q_mlp_threshold", "q_sketch_mlp", "quant_backend_name", "quant_isa", "quantize",

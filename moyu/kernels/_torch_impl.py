@@ -118,6 +118,15 @@ def sparse_mlp_threshold(x: Tensor, w_in: Tensor, w_dt: Tensor, b_in: Tensor | N
     return _finish(y, x, out), int(keep.numel())
 
 
+def rows_matvec(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """Fallback of the C++ ``rows_matvec``."""
+    y = F.linear(x.float(), w.float(), b)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
 def input_sparse_linear(x: Tensor, wt: Tensor, b: Tensor | None, idx: Tensor | None,
                         tau: float | None, out: Tensor | None = None) -> Tensor:
     """Fallback of the C++ ``input_sparse_linear`` (see the public wrapper)."""

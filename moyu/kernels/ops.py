@@ -99,6 +99,15 @@ def input_sparse_linear(x: Tensor, packed: PackedLinear, idx: Tensor | None = No
                                     None if tau is None else float(tau), out)
 
 
+def rows_matvec(x: Tensor, w: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``y = W x (+ b)`` for one position ``x [in]`` over a row-major ``w [out, in]`` (float32
+    or bfloat16, contiguous): one dot product per output. For the lm_head of a large
+    vocabulary, where :func:`input_sparse_linear`'s ``W^T`` form keeps rewriting an output
+    too large for the cache."""
+    impl = _impl or _backend()
+    return impl.rows_matvec(x, w, bias, out)
+
+
 def sketch_act(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, act_id: int) -> Tensor:
     """Activations of every neuron estimated from an int8 sketch of ``w_in``: ``[n, d_ff]``.
 

@@ -114,7 +114,7 @@ class LeanModel:
             head = model.get_output_embeddings()
             tied = head.weight.data_ptr() == flat.embed.data_ptr()
             head_fmt = fmt.for_role("head")
-            flat.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt)
+            flat.lm_head = DenseLinear(head.weight, getattr(head, "bias", None), head_fmt, rowmajor=True)
             if tied:  # one table: the packed lm_head serves the embedding lookups too
                 flat.embed = None
             elif fmt.quantized:   # an untied table in the head's format, rows widened per lookup

@@ -224,11 +224,14 @@ class DenseLinear:
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: "str | WeightFormat" = "fp32",
-                 transposed: bool = False):
+                 transposed: bool = False, rowmajor: bool = False):
         self.fmt = weight_format(fmt)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.packed = self.q = self.qt = None
-        if self.fmt.quantized:
+        self.packed = self.q = self.qt = self.w = None
+        if rowmajor and not self.fmt.quantized:
+            # float W kept [out, in]: one dot product per output (the lm_head; see rows_matvec)
+            self.w = weight.detach().to(self.fmt.dtype).contiguous()
+        elif self.fmt.quantized:
             from ..kernels.quant import quantize
             if transposed:   # W^T, one row per input channel: what input sparsity skips
                 self.qt = quantize(weight.detach().float().t(), self.fmt.name)
@@ -252,6 +255,10 @@ class DenseLinear:
                 from ..kernels.quant_ops import q_axpy
                 return q_axpy(x, self.qt, None, bias=self.bias)
             y = cols_matmul(x, self.qt)
+        elif self.w is not None:
+            if x.dim() == 1:
+                return K.rows_matvec(x, self.w, self.bias, out=out)
+            y = rows_matmul(x, self.w)
         elif x.dim() == 1:
             return K.input_sparse_linear(x, self.packed)
         else:
@@ -269,6 +276,8 @@ class DenseLinear:
             return self.q.slice(ids).dequantize()
         if self.qt is not None:
             raise MoyuError("a transposed quantized linear cannot serve embedding rows")
+        if self.w is not None:
+            return self.w[ids].float()
         return self.packed.wt[:, ids].t().float()
 
     @property
@@ -277,6 +286,8 @@ class DenseLinear:
         q = self.q if self.q is not None else self.qt
         if q is not None:
             return q.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        if self.w is not None:
+            return self.w.nbytes + (0 if self.bias is None else self.bias.nbytes)
         return self.packed.nbytes
 
 
