@@ -12,6 +12,8 @@ machine's drift hits all settings alike; medians over the rounds are printed.
 
 ``--prefetch DOT:PASSES,...``: rows ahead that the four-row dot products prefetch
 (``set_dot_prefetch``) and passes ahead that the axpy passes prefetch (``set_axpy_prefetch``).
+``--python-ends`` adds each variant with the embedding lookup and the final norm + lm_head
+run from Python around the loop (as before they moved into the plan's call), same rounds.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--python-ends", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configs = [tuple(int(v) for v in c.split(":")) for c in args.prefetch.split(",")]
@@ -70,13 +73,16 @@ def main() -> None:
                 impl.set_dot_prefetch(cfg[0])
                 impl.set_axpy_prefetch(cfg[1])
                 for name, lean in leans.items():
-                    lean.reset()
-                    lean.plan.read_times()
-                    _, t = lean.generate(ids, args.new)
-                    loop = [1e3 * s / (t.new_tokens - 1) for s in lean.plan.read_times().tolist()]
-                    token = 1e3 / t.decode_tok_s
-                    if r:   # round 0 warms up
-                        rows.setdefault((name, cfg), []).append(loop + [token - sum(loop), token, t.decode_tok_s])
+                    for ends in (True, False) if args.python_ends else (True,):
+                        lean._fused_ends = ends
+                        lean.reset()
+                        lean.plan.read_times()
+                        _, t = lean.generate(ids, args.new)
+                        loop = [1e3 * s / (t.new_tokens - 1) for s in lean.plan.read_times().tolist()]
+                        token = 1e3 / t.decode_tok_s
+                        label = name if ends else f"{name}, ends in Python"
+                        if r:   # round 0 warms up
+                            rows.setdefault((label, cfg), []).append(loop + [token - sum(loop), token, t.decode_tok_s])
     finally:
         impl.set_dot_prefetch(16)
         impl.set_axpy_prefetch(3)

@@ -47,6 +47,7 @@ def test_fused_equals_per_op(arch, fmt, method):
             prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
     fused, per_op = _pair(model, prof, fmt)
     assert fused.plan is not None and fused.fused_reason is None
+    assert fused._fused_ends   # embedding lookup and lm_head inside the same call
     ids = _ids(30, 3)
     a, ka = _decode(fused, ids, 10)
     b, kb = _decode(per_op, ids, 10)
@@ -105,6 +106,17 @@ def test_turned_off_says_so():
     lean = lean_model(tiny_model("llama"), None, "int8", max_seq=32)
     lean.fused = False
     assert lean.fused_reason == "turned off (fused = False)"
+
+
+@needs_cpp
+def test_plan_decode_token_rejects_bad_ids_and_buffers():
+    lean = lean_model(tiny_model("llama"), None, "int8", max_seq=16)
+    vocab = lean.flat.lm_head.out_features
+    h, logits = torch.zeros(lean.flat.d), torch.zeros(vocab)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        lean.plan.decode_token(vocab, 0, h, logits)
+    with pytest.raises(RuntimeError, match="logits must be float32"):
+        lean.plan.decode_token(1, 0, h, torch.zeros(vocab - 1))
 
 
 @needs_cpp

@@ -1037,6 +1037,27 @@ std::tuple<at::Tensor, int64_t> q_mlp(const at::Tensor& x_in, int64_t fmt_in, co
   return {out, total};
 }
 
+// Row r of a quantized matrix as float32 [nb * 32]: d * q (+ m), exactly as
+// QuantMatrix.dequantize computes it.
+void dequant_row(const QM& w, int64_t r, float* o) {
+  const uint8_t* c = w.codes(r);
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const float s = h2f(w.d[r * w.nb + b]);
+    float* ob = o + b * kBlk;
+    if (w.fmt == kInt8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(c) + b * kBlk;
+      for (int i = 0; i < kBlk; ++i) ob[i] = s * static_cast<float>(q[i]);
+    } else {
+      const float mn = h2f(w.m[r * w.nb + b]);
+      const uint8_t* q = c + b * kBlk / 2;
+      for (int i = 0; i < kBlk / 2; ++i) {
+        ob[i] = s * static_cast<float>(q[i] & 0x0F) + mn;
+        ob[i + kBlk / 2] = s * static_cast<float>(q[i] >> 4) + mn;
+      }
+    }
+  }
+}
+
 // Rows r0 .. r1 of a quantized matrix as float32 [r1 - r0, nb * 32] (d * q (+ m), exactly as
 // QuantMatrix.dequantize computes it): the prompt's widened weights, one pass, no temporaries.
 at::Tensor dequant_rows(int64_t fmt, int64_t cols, const at::Tensor& qs, const at::Tensor& d,
@@ -1047,25 +1068,7 @@ at::Tensor dequant_rows(int64_t fmt, int64_t cols, const at::Tensor& qs, const a
   at::Tensor out = at::empty({r1 - r0, width}, qs.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(r0, r1, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const uint8_t* c = w.codes(r);
-      float* o = op + (r - r0) * width;
-      for (int64_t b = 0; b < w.nb; ++b) {
-        const float s = h2f(w.d[r * w.nb + b]);
-        float* ob = o + b * kBlk;
-        if (fmt == kInt8) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(c) + b * kBlk;
-          for (int i = 0; i < kBlk; ++i) ob[i] = s * static_cast<float>(q[i]);
-        } else {
-          const float mn = h2f(w.m[r * w.nb + b]);
-          const uint8_t* q = c + b * kBlk / 2;
-          for (int i = 0; i < kBlk / 2; ++i) {
-            ob[i] = s * static_cast<float>(q[i] & 0x0F) + mn;
-            ob[i + kBlk / 2] = s * static_cast<float>(q[i] >> 4) + mn;
-          }
-        }
-      }
-    }
+    for (int64_t r = lo; r < hi; ++r) dequant_row(w, r, op + (r - r0) * width);
   });
   return out;
 }
@@ -1243,6 +1246,53 @@ class Plan {
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
+  // The token's two ends, for decode_token: the embedding table (a quantized matrix whose
+  // row t is token t's vector, times embed_scale) and the final RMSNorm + quantized lm_head
+  // (+ bias). The tables may be one matrix (tied embeddings).
+  void set_ends(int64_t fmt_e, int64_t cols_e, const at::Tensor& qs_e, const at::Tensor& d_e,
+                const c10::optional<at::Tensor>& m_e, double embed_scale, const at::Tensor& norm, double eps,
+                int64_t fmt_h, const at::Tensor& qs_h, const at::Tensor& d_h, const c10::optional<at::Tensor>& m_h,
+                const c10::optional<at::Tensor>& b_h) {
+    TORCH_CHECK(cols_e == d_, "Plan.set_ends: embedding width ", cols_e, " != model width ", d_);
+    embed_ = as_qm(fmt_e, d_, qs_e, d_e, m_e, "Plan embedding");
+    head_ = as_qm(fmt_h, d_, qs_h, d_h, m_h, "Plan lm_head");
+    TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.is_contiguous() && norm.numel() == d_,
+                "Plan: final norm weight must be float32 [", d_, "]");
+    final_norm_ = norm.data_ptr<float>();
+    final_eps_ = eps;
+    embed_scale_ = static_cast<float>(embed_scale);
+    b_head_ = f32_ptr(b_h, head_.rows, "lm_head bias");
+    for (const at::Tensor& t : {qs_e, d_e, norm, qs_h, d_h}) keep_.push_back(t);
+    for (const c10::optional<at::Tensor>* t : {&m_e, &m_h, &b_h})
+      if (t->has_value()) keep_.push_back(**t);
+    has_ends_ = true;
+  }
+
+  // One whole decode step: token's embedding into h (float32 [d]), every layer (as step),
+  // the final RMSNorm and the lm_head into logits (float32 [vocab]). Returns step's kept counts.
+  at::Tensor decode_token(int64_t token, int64_t pos, at::Tensor& h, at::Tensor& logits) {
+    TORCH_CHECK(has_ends_, "Plan.decode_token: call set_ends first");
+    TORCH_CHECK(token >= 0 && token < embed_.rows, "token id ", token, " outside the vocabulary [0, ", embed_.rows, ")");
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == d_, "Plan.decode_token: h must be float32 [",
+                d_, "]");
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.numel() == head_.rows,
+                "Plan.decode_token: logits must be float32 [", head_.rows, "]");
+    float* row = scratch<float, 21>(embed_.nb * kBlk);
+    dequant_row(embed_, token, row);
+    float* hp = h.data_ptr<float>();
+    if (embed_scale_ != 1.0f) for (int64_t i = 0; i < d_; ++i) hp[i] = row[i] * embed_scale_;
+    else std::memcpy(hp, row, d_ * sizeof(float));
+    at::Tensor kept = step(h, pos);
+#if MOYUQ_X86
+    auto rms = g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
+#else
+    auto rms = scalar::rms_row;
+#endif
+    rms(hp, final_norm_, d_, final_eps_, x_.data());
+    matvec_all(head_, x_.data(), b_head_, logits.data_ptr<float>());
+    return kept;
+  }
+
   // Per-part timers of step() (seconds summed over the steps since the last read; off by
   // default): [MLP, attention linears (qkv, o), attention core, the rest (norms, residuals,
   // activation quantization)]. Reading them resets them.
@@ -1293,6 +1343,12 @@ class Plan {
 
   bool timing_ = false;
   Times times_{};
+  bool has_ends_ = false;
+  QM embed_{}, head_{};
+  const float* final_norm_ = nullptr;
+  const float* b_head_ = nullptr;
+  double final_eps_ = 0.0;
+  float embed_scale_ = 1.0f;
   int64_t d_, heads_, n_kv_, hd_;
   std::vector<float> x_, y_, qkv_, att_;   // one token's activations, reused (steps run one at a time)
   std::vector<Layer> layers_;
@@ -1316,6 +1372,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t>())
       .def("add_layer", &moyuq::Plan::add_layer)
       .def("step", &moyuq::Plan::step, release())
+      .def("set_ends", &moyuq::Plan::set_ends, "embedding table, final RMSNorm and lm_head for decode_token")
+      .def("decode_token", &moyuq::Plan::decode_token, release())
       .def("set_timing", &moyuq::Plan::set_timing, "turn the per-part timers of step() on or off")
       .def("read_times", &moyuq::Plan::read_times,
            "seconds per part since the last read: [mlp, attn_linears, attn_core, rest]; resets them")

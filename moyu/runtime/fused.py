@@ -71,6 +71,22 @@ def _layer_reason(L: LeanLayer) -> str | None:
     return None
 
 
+def ends_args(flat: FlatModel) -> tuple | None:
+    """Arguments of ``Plan.set_ends`` (embedding table, final RMSNorm, lm_head), or None when
+    a token's ends stay in Python: other norms, input/output projections, position tables,
+    or a head or table that is not a plain quantized matrix."""
+    head = flat.lm_head
+    table = head if flat.embed is None else flat.embed
+    if not (_quant_linear(head) and _quant_linear(table) and _rms(flat.final_norm)):
+        return None
+    if flat.project_in is not None or flat.project_out is not None or flat.pos_table is not None:
+        return None
+    fe, ce, qe, de, me = table.q.args()
+    fh, _, qh, dh, mh = head.q.args()
+    return (fe, ce, qe, de, me, float(flat.embed_scale), flat.final_norm.weight, float(flat.final_norm.eps),
+            fh, qh, dh, mh, head.bias)
+
+
 def _norm_args(norm: Norm | None) -> tuple:
     return (None, 0.0) if norm is None else (norm.weight, norm.eps)
 

@@ -82,6 +82,8 @@ class LeanModel:
         self.fused = True
         self._plan = False   # built at the first decode step (False: not tried yet)
         self._logits: Tensor | None = None   # decode_step(reuse_logits=True)'s buffer
+        self._fused_ends = False             # the plan also runs the embedding and the head
+        self._h: Tensor | None = None
         self._unfused_reason: str | None = None
 
     @classmethod
@@ -161,9 +163,14 @@ class LeanModel:
         this model and format run per op (``fused_reason`` says why). Set ``fused = False``
         to decode per op anyway (the two give the same tokens; tested)."""
         if self._plan is False:
-            from .fused import build_plan, why_not
+            from .fused import build_plan, ends_args, why_not
             self._unfused_reason = why_not(self.flat, self.fmt.quantized)
             self._plan = None if self._unfused_reason else build_plan(self.flat, self._kv)
+            ends = None if self._plan is None else ends_args(self.flat)
+            if ends is not None:   # the embedding lookup and the head run inside the same call
+                self._plan.set_ends(*ends)
+                self._h = torch.empty(self.flat.d)
+            self._fused_ends = ends is not None
         return self._plan
 
     @property
@@ -312,8 +319,25 @@ class LeanModel:
         """
         self._check_room(1)
         pos = self.pos
-        h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
         plan = self.plan if self.fused else None
+        if plan is not None and self._fused_ends:
+            s = self.flat
+            if reuse_logits:
+                if self._logits is None:
+                    self._logits = torch.empty(s.lm_head.out_features)
+                logits = self._logits
+            else:
+                logits = torch.empty(s.lm_head.out_features)
+            kept = plan.decode_token(int(token_id), pos, self._h, logits)
+            for L, k in zip(s.layers, kept.tolist()):
+                L.mlp.count(k)
+            self.pos = pos + 1
+            if s.logit_scale != 1.0:
+                logits = logits * s.logit_scale
+            if s.final_softcap:
+                logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+            return logits
+        h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
         if plan is not None:
             h = h.contiguous()
             for L, kept in zip(self.flat.layers, plan.step(h, pos).tolist()):
