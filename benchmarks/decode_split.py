@@ -21,8 +21,8 @@ import moyu
 from moyu import data
 from moyu.atomic import write_json_atomic
 from moyu.bench import cpu_flags, cpu_name, decode_split, memory_bandwidth
-from moyu.fakequant import QuantizedWeights
-from moyu.methods import calibrate, calibration_ids
+from moyu.fakequant import calibrate_at
+from moyu.methods import calibration_ids
 from moyu.runtime import lean_model
 
 PARTS = ("mlp", "attn_linears", "attn_core", "head", "rest", "total")
@@ -52,10 +52,7 @@ def main() -> None:
           f"read bandwidth {read_bw / 1e9:.1f} GB/s | prompt {args.prompt}, new {args.new}")
     results = {}
     for fmt in args.weights.split(","):
-        sim = None if fmt == "fp32" else QuantizedWeights(model, fmt)
-        with sim or torch.no_grad():
-            prof = calibrate(model, calib, method=args.method, sparsity=args.sparsity) if args.method else None
-        del sim
+        prof = calibrate_at(model, calib, fmt, method=args.method, sparsity=args.sparsity) if args.method else None
         for name, pr in (("dense", None), (args.method, prof)) if prof else (("dense", None),):
             lean = lean_model(model, pr, fmt, max_seq=args.prompt + args.new + 8)
             decode_split(lean, ids, 8)   # warm-up

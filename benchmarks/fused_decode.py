@@ -19,8 +19,8 @@ import torch
 import moyu
 from moyu import data
 from moyu.bench import cpu_flags, cpu_name
-from moyu.fakequant import QuantizedWeights
-from moyu.methods import calibrate, calibration_ids
+from moyu.fakequant import calibrate_at
+from moyu.methods import calibration_ids
 from moyu.runtime import lean_model
 
 
@@ -45,8 +45,7 @@ def main() -> None:
           f"{args.prompt}, new {args.new}, {args.rounds} alternating rounds")
     print(f"{'variant':24s} {'fused tok/s':>12s} {'per-op tok/s':>13s} {'ratio':>6s}  same tokens")
     for fmt in args.weights.split(","):
-        with QuantizedWeights(model, fmt):
-            prof = calibrate(model, calib, method=args.method, sparsity=args.sparsity) if args.method else None
+        prof = calibrate_at(model, calib, fmt, method=args.method, sparsity=args.sparsity) if args.method else None
         for name, pr in (("dense", None), (args.method, prof)) if prof else (("dense", None),):
             lean = lean_model(model, pr, fmt, max_seq=args.prompt + args.new + 8)
             if lean.plan is None:

@@ -26,9 +26,9 @@ import torch
 import moyu
 from moyu import data
 from moyu.bench import cpu_flags, cpu_name, memory_bandwidth
-from moyu.fakequant import QuantizedWeights
+from moyu.fakequant import calibrate_at
 from moyu.kernels import quant_ops
-from moyu.methods import calibrate, calibration_ids
+from moyu.methods import calibration_ids
 from moyu.runtime import lean_model
 
 PARTS = ("mlp", "attn_linears", "attn_core", "loop_rest")
@@ -52,8 +52,7 @@ def main() -> None:
     configs = [tuple(int(v) for v in c.split(":")) for c in args.prefetch.split(",")]
     model, tok = moyu.load(args.model)
     ids = data.tokens(tok, "eval", args.prompt)
-    with QuantizedWeights(model, args.weights):
-        prof = calibrate(model, calibration_ids(tok, 4096), method=args.method, sparsity=args.sparsity)
+    prof = calibrate_at(model, calibration_ids(tok, 4096), args.weights, method=args.method, sparsity=args.sparsity)
     leans = {"dense": lean_model(model, None, args.weights, max_seq=args.prompt + args.new + 8),
              args.method: lean_model(model, prof, args.weights, max_seq=args.prompt + args.new + 8)}
     impl = quant_ops._backend()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -178,3 +177,18 @@ class Both:
     def measured(self) -> dict[str, float]:
         """The inner modifier's counters."""
         return self.inner.measured()
+
+
+def calibrate_at(model: nn.Module, ids: Tensor, weights: "str | WeightFormat" = "fp32", **kwargs: Any):
+    """:func:`moyu.methods.calibrate` on the path decode runs at ``weights``: inside
+    :class:`QuantizedWeights` for any format but fp32 (so thresholds fit the format's own
+    activations), as is for fp32. ``kwargs`` go to ``calibrate`` (``method``, ``sparsity`` ...).
+    The profile records the format in ``calib["weights"]``."""
+    import contextlib
+
+    from .methods import calibrate
+    fmt = weight_format(weights)
+    with contextlib.nullcontext() if fmt.name == "fp32" else QuantizedWeights(model, fmt.name):
+        prof = calibrate(model, ids, **kwargs)
+    prof.calib["weights"] = fmt.name
+    return prof

@@ -89,3 +89,19 @@ def test_parts_and_unrounded_inputs_split_the_error():
     assert gap(parts=set()) == 0
     with pytest.raises(ValueError, match="unknown parts"):
         QuantizedWeights(model, "int4", parts={"lm_head"})
+
+
+def test_calibrate_at_fits_the_format_and_records_it():
+    """calibrate_at calibrates inside the simulated format (int8 thresholds differ from fp32
+    ones) and records the format in the profile."""
+    from moyu.evaluate import Windows
+    from moyu.fakequant import calibrate_at
+    from moyu.tiny import tiny_model
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(1))
+    w = Windows(prompt=12, scored=12)
+    p8 = calibrate_at(model, ids, "int8", method="cats", sparsity=0.5, windows=w)
+    p32 = calibrate_at(model, ids, "fp32", method="cats", sparsity=0.5, windows=w)
+    assert p8.calib["weights"] == "int8" and p32.calib["weights"] == "fp32"
+    assert p8.tensors.keys() == p32.tensors.keys()
+    assert any(not torch.equal(p8.tensors[k], p32.tensors[k]) for k in p8.tensors)
