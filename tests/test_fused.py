@@ -126,3 +126,20 @@ def test_plan_step_rejects_a_wrong_hidden_state():
         lean.plan.step(torch.zeros(3), 0)
     with pytest.raises(RuntimeError, match="outside the cache"):
         lean.plan.step(torch.zeros(lean.flat.d), 99)
+
+
+@needs_cpp
+def test_plan_timers_are_off_by_default_and_reset_when_read():
+    """Per-part timers of the fused loop: nothing accrues while off; with them on every part
+    of a step accrues time, and reading returns and clears them."""
+    lean = lean_model(tiny_model("llama"), None, "int8", max_seq=32)
+    lean.prefill(_ids(4, 0))
+    lean.decode_step(5)
+    assert torch.equal(lean.plan.read_times(), torch.zeros(4, dtype=torch.float64))
+    lean.plan.set_timing(True)
+    for t in (6, 7, 8):
+        lean.decode_step(t)
+    times = lean.plan.read_times()
+    assert times.shape == (4,) and bool((times > 0).all())
+    assert torch.equal(lean.plan.read_times(), torch.zeros(4, dtype=torch.float64))
+    lean.plan.set_timing(False)
