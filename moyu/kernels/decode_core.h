@@ -79,6 +79,13 @@ inline void attend_prepare(const AttnArgs& a, const float* q, const float* k, co
 
 constexpr int64_t kAttendAcc = 128;   // head dims summed per pass over the values
 
+// Heads per thread for one decode position's attention (the grain of a parallel loop over
+// heads): all on the calling thread while the work (heads x positions x head_dim) is too
+// small to pay for a parallel region (~3-5 us), one head per task past 2^15.
+inline int64_t attend_grain(int64_t heads, int64_t n, int64_t hd) {
+  return heads * n * hd >= (int64_t{1} << 15) ? 1 : heads;
+}
+
 // out[h * hd ..] = attention of head h over positions lo..pos, for heads h0 <= h < h1
 // (after attend_prepare). p: scratch of heads * (pos - lo + 1) floats; head h uses only its
 // own slice, so disjoint head ranges can run on different threads.

@@ -1097,12 +1097,6 @@ at::Tensor q_mlp_act(const at::Tensor& x_in, int64_t fmt_in, const at::Tensor& q
 
 // ------------------------------------------------------------------ whole decode layers
 
-// Heads per thread for one decode position's attention: all on the calling thread while the
-// work (heads x positions x head_dim) is too small to pay for a parallel region (~3-5 us).
-inline int64_t attend_grain(int64_t heads, int64_t n, int64_t hd) {
-  return heads * n * hd >= (int64_t{1} << 15) ? 1 : heads;
-}
-
 // Decode plan: every layer of a pre-norm decoder with quantized linears run by one call per
 // token. Per layer: RMSNorm, fused qkv (+bias), per-head q/k RMSNorms (optional), attention
 // with RoPE and the cache write, o (+bias), an output RMSNorm (optional, Gemma 2/3),
@@ -1197,12 +1191,11 @@ class Plan {
     at::Tensor kept = at::empty({static_cast<int64_t>(layers_.size())}, at::kLong);
     int64_t* kp = kept.data_ptr<int64_t>();
     float* hp = h.data_ptr<float>();
+    const auto rms = rms_fn();
 #if MOYUQ_X86
-    auto rms = g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
     auto prepare = g_isa >= kAvx2 ? avx2::attend_prepare : scalar::attend_prepare;
     auto attend_heads = g_isa >= kAvx2 ? avx2::attend_heads : scalar::attend_heads;
 #else
-    auto rms = scalar::rms_row;
     auto prepare = scalar::attend_prepare;
     auto attend_heads = scalar::attend_heads;
 #endif
@@ -1223,7 +1216,7 @@ class Plan {
                  L.sin ? L.sin + pos * L.half : nullptr, L.half, L.scale, L.cap};
       float* scr = scratch<float, 20>(qn + heads_ * (pos - lo + 1));
       prepare(a, qkv_.data(), qkv_.data() + qn, qkv_.data() + qn + kn, scr);
-      at::parallel_for(0, heads_, attend_grain(heads_, pos - lo + 1, hd_), [&](int64_t h0, int64_t h1) {
+      at::parallel_for(0, heads_, scalar::attend_grain(heads_, pos - lo + 1, hd_), [&](int64_t h0, int64_t h1) {
         attend_heads(a, scr, h0, h1, att_.data(), scr + qn);
       });
       clock.lap(kAttnCore);
@@ -1283,12 +1276,7 @@ class Plan {
     if (embed_scale_ != 1.0f) for (int64_t i = 0; i < d_; ++i) hp[i] = row[i] * embed_scale_;
     else std::memcpy(hp, row, d_ * sizeof(float));
     at::Tensor kept = step(h, pos);
-#if MOYUQ_X86
-    auto rms = g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
-#else
-    auto rms = scalar::rms_row;
-#endif
-    rms(hp, final_norm_, d_, final_eps_, x_.data());
+    rms_fn()(hp, final_norm_, d_, final_eps_, x_.data());
     matvec_all(head_, x_.data(), b_head_, logits.data_ptr<float>());
     return kept;
   }
@@ -1317,6 +1305,16 @@ class Plan {
     int64_t half = 0, window = 0;
     float scale = 1.0f, cap = 0.0f;
   };
+
+  // RMSNorm of one row on the widest path this CPU runs.
+  using RmsFn = void (*)(const float*, const float*, int64_t, double, float*);
+  static RmsFn rms_fn() {
+#if MOYUQ_X86
+    return g_isa >= kAvx2 ? avx2::rms_row : scalar::rms_row;
+#else
+    return scalar::rms_row;
+#endif
+  }
 
   // y = W x (+ b) over every row of W.
   static void matvec_all(const QM& w, const float* x, const float* b, float* y) {

@@ -873,9 +873,7 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t n = pos - lo + 1;
   std::vector<float> scratch(H * hd + H * n);
   attend_prepare(args, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), scratch.data());
-  // heads split over threads once the work pays for a parallel region (as the fused loop does)
-  const int64_t grain = H * n * hd >= (int64_t{1} << 15) ? 1 : H;
-  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, H, attend_grain(H, n, hd), [&](int64_t h0, int64_t h1) {
     attend_heads(args, scratch.data(), h0, h1, out.data_ptr<float>(), scratch.data() + H * hd);
   });
   return out;

@@ -200,12 +200,24 @@ class LeanModel:
             h = s.final_norm(h)
         if s.project_out is not None:
             h = s.project_out(h)
-        logits = s.lm_head(h) if out is None else s.lm_head(h, out=out)
+        return self._finish_logits(s.lm_head(h) if out is None else s.lm_head(h, out=out))
+
+    def _finish_logits(self, logits: Tensor) -> Tensor:
+        """The model's logit scale and final soft-cap, where it has them."""
+        s = self.flat
         if s.logit_scale != 1.0:
             logits = logits * s.logit_scale
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits
+
+    def _logits_buffer(self, reuse: bool) -> Tensor | None:
+        """The kept logits buffer when ``reuse`` (made at first use), else None."""
+        if not reuse:
+            return None
+        if self._logits is None:
+            self._logits = torch.empty(self.flat.lm_head.out_features)
+        return self._logits
 
     def _qkv(self, L: LeanLayer, x: Tensor) -> Tensor:
         if len(L.qkv) == 1:
@@ -321,22 +333,14 @@ class LeanModel:
         pos = self.pos
         plan = self.plan if self.fused else None
         if plan is not None and self._fused_ends:
-            s = self.flat
-            if reuse_logits:
-                if self._logits is None:
-                    self._logits = torch.empty(s.lm_head.out_features)
-                logits = self._logits
-            else:
-                logits = torch.empty(s.lm_head.out_features)
+            logits = self._logits_buffer(reuse_logits)
+            if logits is None:
+                logits = torch.empty(self.flat.lm_head.out_features)
             kept = plan.decode_token(int(token_id), pos, self._h, logits)
-            for L, k in zip(s.layers, kept.tolist()):
+            for L, k in zip(self.flat.layers, kept.tolist()):
                 L.mlp.count(k)
             self.pos = pos + 1
-            if s.logit_scale != 1.0:
-                logits = logits * s.logit_scale
-            if s.final_softcap:
-                logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
-            return logits
+            return self._finish_logits(logits)
         h = self._embed(torch.as_tensor(token_id).reshape(1), pos)[0]
         if plan is not None:
             h = h.contiguous()
@@ -346,11 +350,7 @@ class LeanModel:
             for li, L in enumerate(self.flat.layers):
                 h = self._layer(li, L, h, pos)
         self.pos = pos + 1
-        if reuse_logits and isinstance(self.flat.lm_head, DenseLinear):
-            if self._logits is None:
-                self._logits = torch.empty(self.flat.lm_head.out_features)
-            return self._head(h, self._logits)
-        return self._head(h)
+        return self._head(h, self._logits_buffer(reuse_logits and isinstance(self.flat.lm_head, DenseLinear)))
 
     @torch.inference_mode()
     def logits(self, ids: Tensor, n_prefill: int = 1) -> Tensor:
