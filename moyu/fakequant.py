@@ -48,10 +48,10 @@ def _round_weight(w: Tensor, fmt: WeightFormat, transposed: bool) -> Tensor:
     w = w.detach().float()
     if not fmt.quantized:
         return w.to(fmt.dtype).float()
-    from .kernels.quant import quantize
+    from .kernels.quant import pack_quantized
     if transposed:
-        return quantize(w.t(), fmt.name).dequantize().t().contiguous()
-    return quantize(w, fmt.name).dequantize()
+        return pack_quantized(w.t(), fmt.name).dequantize().t().contiguous()
+    return pack_quantized(w, fmt.name).dequantize()
 
 
 class QuantizedWeights:
@@ -68,7 +68,7 @@ class QuantizedWeights:
                  parts: "set[str] | None" = None, round_inputs: bool = True):
         """``parts`` limits the simulation to some of ``PARTS`` (default: all) and
         ``round_inputs=False`` keeps activations in float32: both only to attribute the
-        format's error (``benchmarks/quant_quality.py --parts``); the runtime does all."""
+        format's error (``benchmarks/quant_error_parts.py``); the runtime does all."""
         self.fmt = weight_format(weights)
         self.model = model
         self._plan: list[tuple[nn.Module, Any]] = []

@@ -58,3 +58,48 @@ def test_every_decodable_method_runs_on_quantized_weights(one_thread):
             assert torch.isfinite(out).all(), (name, fmt)
             kept = [L.mlp.kept_share for L in lean.layers]
             assert 0 < sum(kept) / len(kept) < 1, (name, fmt, kept)
+
+
+def _on_int4_grid(model):
+    """``model`` with every decoder-layer linear rounded onto the int4 grid (a 4-bit GGUF source)."""
+    from moyu.kernels.quant import quantize
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight.copy_(quantize(mod.weight.float(), "int4").dequantize())
+    return model
+
+
+def test_int8_keeps_a_matrix_the_int4_grid_holds_exactly_in_int4():
+    from moyu.kernels.quant import pack_quantized, quantize
+    g = torch.Generator().manual_seed(0)
+    exact = quantize(torch.randn(16, 96, generator=g), "int4").dequantize()
+    q = pack_quantized(exact, "int8")
+    assert q.fmt == "int4" and torch.equal(q.dequantize(), exact)
+    near = exact.clone()
+    near[11, 5] += 1e-3   # one weight off the grid: the whole matrix is int8
+    assert pack_quantized(near, "int8").fmt == "int8"
+    rand = torch.randn(16, 96, generator=g)
+    assert torch.equal(pack_quantized(rand, "int8").qs, quantize(rand, "int8").qs)
+    assert pack_quantized(exact, "int4").fmt == "int4"
+
+
+def test_int8_on_a_4bit_source_is_lossless_where_int4_is():
+    # gate/up/attention on the int4 grid: int8 stores them as int4 (exactly), down stays int8
+    # (its neuron-major blocks cross the grid), so the format computes what int4 computes
+    from moyu.fakequant import QuantizedWeights
+    model = _on_int4_grid(tiny_model("llama"))
+    lean = LeanModel.from_hf(model, weights="int8", max_seq=32)
+    packed = lean.layers[0].mlp.packed
+    assert (packed.w_in.fmt, packed.w_down_t.fmt) == ("int4", "int8")
+    ids = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with QuantizedWeights(model, "int8"):
+            sim8 = model(ids[None], use_cache=False).logits[0]
+        with QuantizedWeights(model, "int4"):
+            sim4 = model(ids[None], use_cache=False).logits[0]
+    assert torch.equal(sim8, sim4)
+    fp32 = LeanModel.from_hf(model, weights="fp32", max_seq=32).logits(ids, n_prefill=8)[8:]
+    int8 = lean.logits(ids, n_prefill=8)[8:]
+    int4 = LeanModel.from_hf(model, weights="int4", max_seq=32).logits(ids, n_prefill=8)[8:]
+    assert torch.equal(int8, int4) and not torch.equal(int8, fp32)

@@ -191,6 +191,26 @@ def quantize(w: Tensor, fmt: str) -> QuantMatrix:
     return QuantMatrix("int4", cols, packed.reshape(rows, -1).contiguous(), d.contiguous(), m.contiguous())
 
 
+def pack_quantized(w: Tensor, fmt: str) -> QuantMatrix:
+    """The matrix the runtime stores for ``w`` under the weight format ``fmt``.
+
+    ``quantize(w, fmt)``, except under ``int8`` for a matrix that the int4 grid holds
+    exactly (a 4-bit GGUF source, Q4_0/Q4_1, along its own blocks): that one is kept in
+    int4, the same values in 20 instead of 34 bytes per block, where the symmetric int8
+    grid could only approximate them (``amax / 127`` steps do not fall on the source's
+    16 levels and offset). So ``int8`` never stores a matrix less exactly than its source
+    allows at 8 bits, and never re-quantizes a 4-bit source into a lossy 8-bit grid.
+    """
+    if fmt == "int8" and w.dim() == 2 and w.shape[0]:
+        w32 = w.detach().to(device="cpu", dtype=torch.float32)
+        head = w32[:8]
+        if torch.equal(quantize(head, "int4").dequantize(), head):   # cheap rejection first
+            q4 = quantize(w32, "int4")
+            if torch.equal(q4.dequantize(), w32):
+                return q4
+    return quantize(w, fmt)
+
+
 def interleave_rows(a: QuantMatrix, b: QuantMatrix) -> QuantMatrix:
     """Rows ``a[0], b[0], a[1], b[1], ...``: the gate/up layout of :class:`QuantMLP` built
     from two matrices quantized separately (e.g. GGUF gate and up tensors)."""
@@ -337,12 +357,12 @@ def quantize_mlp(w_up: Tensor, w_down: Tensor, act: str, fmt: str, w_gate: Tenso
             b_in[:, -1] = _bias(b_up, d_ff, "b_up")
         if b_gate is not None:
             b_in[:, 0] = _bias(b_gate, d_ff, "b_gate")
-    return QuantMLP(w_in=quantize(w_in, fmt), w_down_t=quantize(w_down.detach().float().t(), down_fmt or fmt),
+    return QuantMLP(w_in=pack_quantized(w_in, fmt), w_down_t=pack_quantized(w_down.detach().float().t(), down_fmt or fmt),
                     b_in=b_in, b_down=_bias(b_down, d, "b_down"), act=act, act_id=act_id)
 
 
 __all__ = ["ACTIVATIONS", "QBLOCK", "QUANT_FORMATS", "QuantMLP", "QuantMatrix", "format_id",
-           "from_gguf", "interleave_rows", "num_blocks", "quantize", "quantize_mlp"]
+           "from_gguf", "interleave_rows", "num_blocks", "pack_quantized", "quantize", "quantize_mlp"]
 
 
 def round_activations(x: Tensor) -> Tensor:

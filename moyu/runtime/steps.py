@@ -232,11 +232,11 @@ class DenseLinear:
             # float W kept [out, in]: one dot product per output (the lm_head; see rows_matvec)
             self.w = weight.detach().to(self.fmt.dtype).contiguous()
         elif self.fmt.quantized:
-            from ..kernels.quant import quantize
+            from ..kernels.quant import pack_quantized
             if transposed:   # W^T, one row per input channel: what input sparsity skips
-                self.qt = quantize(weight.detach().float().t(), self.fmt.name)
+                self.qt = pack_quantized(weight.detach().float().t(), self.fmt.name)
             else:
-                self.q = quantize(weight.detach(), self.fmt.name)
+                self.q = pack_quantized(weight.detach(), self.fmt.name)
         else:
             self.packed = K.pack_linear(weight.detach(), self.bias, self.fmt)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
