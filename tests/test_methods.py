@@ -207,9 +207,31 @@ def test_tda_statistic_is_the_length_normalised_l2_norm():
 def test_tda_calibrated_threshold_hits_the_target_on_held_out():
     model = tiny_model("llama", layers=2)
     prof = calibrate(model, _ids(3000, seed=1), method="tda", sparsity=0.5, windows=W, calib_windows=200)
-    assert prof.params["norm"] == "l2" and prof.config_version == 2
+    assert prof.params["norm"] == "l2" and prof.config_version == 3
     res = evaluate(model, _ids(1200, seed=2), W, modifier=sparsify(model, prof))
     assert abs(res.extra["sparsity"] - 0.5) < 0.05
+
+
+def test_tda_thresholds_follow_the_prompt_length():
+    """One threshold per calibrated prompt length, interpolated in log length and clamped;
+    ``by_length=false`` keeps one threshold, fitted on the full prompts."""
+    from moyu.methods.tda import PromptThresholdRule, calib_lengths
+    assert calib_lengths(32) == [8, 16, 32] and calib_lengths(20) == [8, 16, 20] and calib_lengths(8) == [8]
+    rule = PromptThresholdRule(torch.tensor([1.0, 2.0, 4.0]), lengths=torch.tensor([8.0, 16.0, 64.0]))
+    assert rule.theta_at(4) == 1.0 and rule.theta_at(8) == 1.0 and rule.theta_at(1000) == 4.0
+    assert rule.theta_at(32) == pytest.approx(3.0)   # halfway from 16 to 64 in log2
+    a = torch.ones(1, 8, 4) * torch.tensor([0.5, 1.5, 2.5, 3.5])
+    assert rule.choose(a, None)[0].tolist() == [False, True, True, True]        # 8 tokens: theta 1
+    assert rule.choose(a.repeat(1, 8, 1), None)[0].tolist() == [False, False, False, False]  # 64: theta 4
+    model = tiny_model("llama", layers=2)
+    prof = calibrate(model, _ids(3000, seed=1), method="tda", sparsity=0.5, windows=W, calib_windows=200)
+    lengths = prof.layer(0, "theta_lengths").tolist()
+    assert lengths == [float(n) for n in calib_lengths(int(lengths[-1]))] and len(lengths) > 1
+    assert prof.layer(0, "theta").numel() == len(lengths)
+    one = calibrate(model, _ids(3000, seed=1), method="tda", sparsity=0.5, windows=W, calib_windows=200,
+                    by_length=False)
+    assert one.layer(0, "theta").numel() == 1
+    assert float(one.layer(0, "theta")[0]) == pytest.approx(float(prof.layer(0, "theta")[-1]))
 
 
 def test_static_keeps_one_set_for_every_token():
@@ -252,7 +274,7 @@ def test_profile_is_written_with_the_umask_and_checked_against_its_method(models
     prof.method = "tda"   # tensors of cats under tda's name: one line, no KeyError
     with pytest.raises(MoyuError, match="profile was calibrated with tda config v1"):
         sparsify(model, prof)
-    prof.config_version = 2
+    prof.config_version = 3
     with pytest.raises(MoyuError, match="profile tensors do not match method 'tda'"):
         sparsify(model, prof)
 
