@@ -110,7 +110,7 @@ class Tda(Method):
     rule_type = PromptThresholdRule
     name, granularity, prompts = "tda", "sequence", True
     summary = ("per sequence, keep neurons whose length-normalised L2 norm of prompt activations "
-               "exceeds theta_l; theta_l calibrated so the layer's mean sparsity hits the target")
+               "exceeds theta_l; theta_l calibrated so the layer's mean sparsity hits the target, per prompt length")
     Options = TdaOptions
     version = 3   # v1 thresholded the max-normalised statistic; v2 had one threshold per layer
 
