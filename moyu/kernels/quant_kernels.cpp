@@ -453,6 +453,26 @@ void dot4_i8(const QM& w, int64_t r, const XQ& x, float* out) {
   }
 }
 
+// One int4 row's blocks b.. left after the four-block loop, then the row's total from the
+// loop's accumulators: shared by dot_i4 and dot4_i4, so the two give the same bits.
+inline float finish_i4(__m512 acc, __m128 macc, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+                       const XQ& x, int64_t b, int64_t nb) {
+  __m256 tail = _mm256_setzero_ps();
+  float mt = 0.0f;
+  const __m128i nib16 = _mm_set1_epi8(0x0F);
+  for (; b < nb; ++b) {
+    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+    const __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w16, 4), nib16), _mm_and_si128(w16, nib16));
+    const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv,
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kBlk)));
+    tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(_cvtsh_ss(d[b]) * x.dx[b]), tail);
+    mt += _cvtsh_ss(m[b]) * x.sx[b];
+  }
+  macc = _mm_add_ps(macc, _mm_movehl_ps(macc, macc));
+  macc = _mm_add_ss(macc, _mm_movehdup_ps(macc));
+  return _mm512_reduce_add_ps(acc) + hsum256(tail) + (_mm_cvtss_f32(macc) + mt);
+}
+
 float dot_i4(const QM& w, int64_t r, const XQ& x) {
   const uint8_t* q = w.codes(r);
   const uint16_t* d = w.d + r * w.nb;
@@ -475,20 +495,7 @@ float dot_i4(const QM& w, int64_t r, const XQ& x) {
     macc = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + b))),
                         _mm_loadu_ps(x.sx + b), macc);
   }
-  __m256 tail = _mm256_setzero_ps();
-  float mt = 0.0f;
-  const __m128i nib16 = _mm_set1_epi8(0x0F);
-  for (; b < w.nb; ++b) {
-    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-    const __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w16, 4), nib16), _mm_and_si128(w16, nib16));
-    const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv,
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kBlk)));
-    tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(_cvtsh_ss(d[b]) * x.dx[b]), tail);
-    mt += _cvtsh_ss(m[b]) * x.sx[b];
-  }
-  macc = _mm_add_ps(macc, _mm_movehl_ps(macc, macc));
-  macc = _mm_add_ss(macc, _mm_movehdup_ps(macc));
-  return _mm512_reduce_add_ps(acc) + hsum256(tail) + (_mm_cvtss_f32(macc) + mt);
+  return finish_i4(acc, macc, q, d, m, x, b, w.nb);
 }
 
 // dot_i4 of rows r .. r+3 into out[0..4): per row the very operations of dot_i4 in the same
@@ -538,22 +545,7 @@ void dot4_i4(const QM& w, int64_t r, const XQ& x, float* out) {
   if (ahead)
     for (int64_t t = b; t < w.nb; t += 4)
       for (int k = g_ahead4; k < g_ahead4 + 4; ++k) __builtin_prefetch(w.codes(r + k) + t * 16, 0, 2);
-  const __m128i nib16 = _mm_set1_epi8(0x0F);
-  for (int k = 0; k < 4; ++k) {
-    __m256 tail = _mm256_setzero_ps();
-    float mt = 0.0f;
-    for (int64_t t = b; t < w.nb; ++t) {
-      const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[k] + t * 16));
-      const __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w16, 4), nib16), _mm_and_si128(w16, nib16));
-      const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv,
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + t * kBlk)));
-      tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(_cvtsh_ss(d[k][t]) * x.dx[t]), tail);
-      mt += _cvtsh_ss(m[k][t]) * x.sx[t];
-    }
-    __m128 mc = _mm_add_ps(macc[k], _mm_movehl_ps(macc[k], macc[k]));
-    mc = _mm_add_ss(mc, _mm_movehdup_ps(mc));
-    out[k] = _mm512_reduce_add_ps(acc[k]) + hsum256(tail) + (_mm_cvtss_f32(mc) + mt);
-  }
+  for (int k = 0; k < 4; ++k) out[k] = finish_i4(acc[k], macc[k], q[k], d[k], m[k], x, b, w.nb);
 }
 
 // Block scales (a * d) of G rows, 16 blocks at a time (masked load of the fp16 values),
