@@ -80,8 +80,7 @@ def search_int8(w: torch.Tensor, lowest_code: int = 64):
         q = codes(d)
         wq, qq = (blk * q).sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
         refit = torch.where(qq > 0, wq / qq, d).half().float()
-        for cand in (d, refit):
-            q = codes(cand)
+        for cand, q in ((d, q), (refit, codes(refit))):
             c = cand.double()
             err = ww - 2 * c * (blk * q).sum(-1, keepdim=True).double() + c * c * (q * q).sum(-1, keepdim=True).double()
             better = err < best_err
