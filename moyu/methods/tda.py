@@ -64,6 +64,7 @@ class PromptThresholdRule(PromptTopKRule):
             raise ValueError(f"{theta.numel()} thresholds for {lengths.numel()} prompt lengths")
         self.lengths = torch.as_tensor(lengths, dtype=torch.float32).reshape(-1)
         self.thetas = theta
+        self._log_lengths = torch.log2(self.lengths)
 
     @property
     def theta(self) -> float:
@@ -74,7 +75,7 @@ class PromptThresholdRule(PromptTopKRule):
         """The threshold for a prompt of ``length`` tokens (log-length interpolation, clamped)."""
         if self.thetas.numel() == 1:
             return float(self.thetas[0])
-        x = torch.log2(self.lengths)
+        x = self._log_lengths
         t = min(max(math.log2(max(length, 1)), float(x[0])), float(x[-1]))
         j = int(torch.searchsorted(x, torch.tensor(t)).clamp(1, x.numel() - 1))
         w = (t - float(x[j - 1])) / (float(x[j]) - float(x[j - 1]))
