@@ -40,11 +40,12 @@ def main() -> None:
                 ("weights only, activations fp32", {"round_inputs": False})]
     variants += [(f"only {p}", {"parts": {p}}) for p in PARTS]
     ref = DenseReference()
-    print(f"\n{'variant':40s} {'ppl':>9s} {'change':>9s} {'KL':>9s} {'top-1':>7s}")
+    print(f"\n{'variant':40s} {'ppl':>9s} {'change [95 % interval]':>27s} {'KL':>9s} {'top-1':>7s}")
     for label, kw in variants:
         r = evaluate(model, ids, Windows(), modifier=QuantizedWeights(model, args.weights, **kw), reference=ref)
-        print(f"{label:40s} {r.ppl:9.4f} {100 * (r.ppl / r.dense_ppl - 1):+8.3f}% {r.kl:9.5f} {r.top1_agree:7.4f}",
-              flush=True)
+        lo, hi = r.to_dict()["ppl_ratio_ci"]
+        print(f"{label:40s} {r.ppl:9.4f} {100 * (r.ppl / r.dense_ppl - 1):+8.3f}% "
+              f"[{100 * (lo - 1):+6.2f}, {100 * (hi - 1):+6.2f}] {r.kl:9.5f} {r.top1_agree:7.4f}", flush=True)
     print(f"(fp32 dense perplexity {r.dense_ppl:.4f})")
 
 
