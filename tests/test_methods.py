@@ -234,6 +234,27 @@ def test_tda_thresholds_follow_the_prompt_length():
     assert float(one.layer(0, "theta")[0]) == pytest.approx(float(prof.layer(0, "theta")[-1]))
 
 
+def test_tda_calibration_keeps_statistics_not_activations():
+    """Calibration holds [lengths, d_ff] per window (not [P, d_ff]); the thresholds equal the
+    quantiles of the statistic computed from the raw prompt activations."""
+    from moyu.methods import calib as C
+    from moyu.methods.tda import calib_lengths, tda_stat
+    model = tiny_model("llama", layers=1)
+    w = W.resolved(model)
+    tda = get_method("tda")
+    opts = tda.make_options()
+    ids = _ids(600, seed=3)
+    summ = C.collect(model, ids, w, set(), max_windows=8, prompts=tda.prompt_summary(opts, w))
+    raw = C.collect(model, ids, w, set(), max_windows=8, prompts=True)
+    lengths = calib_lengths(w.lead)
+    assert summ.prompts[0][0].shape == (len(lengths), raw.prompts[0][0].shape[1])
+    assert raw.prompts[0][0].shape[0] == w.lead
+    prof = calibrate(model, ids, method="tda", sparsity=0.4, windows=W, calib_windows=8)
+    for j, n in enumerate(lengths):
+        stat = torch.stack([tda_stat(a[None, :n])[0] for a in raw.prompts[0]])
+        assert float(prof.layer(0, "theta")[j]) == pytest.approx(C.quantile(stat, 0.4))
+
+
 def test_static_keeps_one_set_for_every_token():
     model = tiny_model("llama", layers=2)
     prof = calibrate(model, _ids(400), method="static", sparsity=0.5, windows=W)

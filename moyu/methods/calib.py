@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class CalibSamples:
     x: list[list[torch.Tensor]] = field(default_factory=list)        # [n, d] chunks
     xa: list[list[torch.Tensor]] = field(default_factory=list)       # attention input [n, d]
     xo: list[list[torch.Tensor]] = field(default_factory=list)       # o-projection input
-    prompts: list[list[torch.Tensor]] = field(default_factory=list)  # [P, d_ff] per window
+    prompts: list[list[torch.Tensor]] = field(default_factory=list)  # per window: [P, d_ff] or its summary
 
     def cat(self, name: str, layer: int) -> torch.Tensor:
         """All samples of stream ``name`` for ``layer`` as one tensor."""
@@ -51,7 +51,8 @@ def calib_starts(n_tokens: int, windows: Windows, max_windows: int) -> list[int]
 
 
 def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[str],
-            per_window: int = 64, max_windows: int = 16, prompts: bool = False,
+            per_window: int = 64, max_windows: int = 16,
+            prompts: "bool | Callable[[torch.Tensor], torch.Tensor]" = False,
             seed: int = 0, progress: bool = False, during: Any = None) -> CalibSamples:
     """Run the dense model over calibration windows and sample what ``streams`` name.
 
@@ -59,7 +60,9 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
     output), ``x`` (MLP input), ``xa`` (attention input) and ``xo`` (input of the attention
     output projection), sampled at ``per_window`` random scored positions per
     window. With ``prompts=True`` the full prompt activations ``a[:P]`` of every window are
-    kept too (for sequence-level methods). ``during``: a context manager (a sparsifier)
+    kept too (for sequence-level methods); a callable instead of ``True`` keeps only what it
+    returns for each window's ``[P, d_ff]`` prompt activations (a method's statistics, far
+    smaller than the activations on wide models). ``during``: a context manager (a sparsifier)
     entered after the sampling hooks, so the samples are what each module receives from
     the sparsified layers before it, before its own rule acts.
     """
@@ -88,7 +91,8 @@ def collect(model: nn.Module, ids: torch.Tensor, windows: Windows, streams: set[
         if prompts:
             def prompt_act(a, i=i):
                 a3 = a if a.dim() == 3 else a[None]
-                out.prompts[i].append(a3[0, :p].detach().float().clone())
+                a_p = a3[0, :p].detach().float()
+                out.prompts[i].append(prompts(a_p) if callable(prompts) else a_p.clone())
             handles.append(ml.tap("act", prompt_act))
     try:
         with torch.inference_mode(), (during or contextlib.nullcontext()):

@@ -87,7 +87,8 @@ class Method:
             if ids is None:
                 raise MoyuError(f"method '{self.name}' needs calibration text")
             samples = C.collect(model, ids, windows, self.streams, per_window=opts.per_window,
-                                max_windows=opts.calib_windows, prompts=self.prompts,
+                                max_windows=opts.calib_windows,
+                                prompts=(self.prompt_summary(opts, windows) or True) if self.prompts else False,
                                 progress=progress)
         self.model, self.ids, self.windows = model, ids, windows   # for methods that replay blocks
         try:
@@ -98,6 +99,11 @@ class Method:
                       "sparsity": round(float(sum(achieved) / len(achieved)), 4),
                       "tokens": 0 if ids is None else int(len(ids))}
         return prof
+
+    def prompt_summary(self, opts: Any, windows: Windows) -> "Any | None":
+        """What calibration keeps of each window's prompt activations ``[P, d_ff]``: a callable
+        returning a smaller tensor, or None for the activations themselves."""
+        return None
 
     def fit(self, prof: Profile, layers: list[MLPLayer], samples: C.CalibSamples | None,
             target: dict[str, float], opts: Any) -> list[float]:

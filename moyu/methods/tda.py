@@ -115,18 +115,24 @@ class Tda(Method):
     Options = TdaOptions
     version = 3   # v1 thresholded the max-normalised statistic; v2 had one threshold per layer
 
+    @staticmethod
+    def _lengths(opts, windows) -> list[int]:
+        return calib_lengths(windows.lead) if opts.by_length else [windows.lead]
+
+    def prompt_summary(self, opts, windows):
+        # per window only the statistic at each calibrated length, [len(lengths), d_ff]: the
+        # raw prompt activations would hold 256 x d_ff floats per window and layer
+        lengths = self._lengths(opts, windows)
+        return lambda a_p: torch.stack([tda_stat(a_p[None, :n], opts.norm)[0] for n in lengths])
+
     def fit_layer(self, prof, ml, samples, target, opts):
         s = target["sparsity"]
-        prompts = samples.prompts[ml.index]
-        p = min(a.shape[0] for a in prompts)
-        lengths = calib_lengths(p) if opts.by_length else [p]
-        thetas = []
-        for n in lengths:
-            r = torch.stack([tda_stat(a_p[None, :n], opts.norm)[0] for a_p in prompts])
-            thetas.append(C.quantile(r, s) if s > 0 else -1.0)
+        lengths = self._lengths(opts, self.windows)
+        stats = torch.stack(samples.prompts[ml.index])   # [windows, lengths, d_ff]
+        thetas = [C.quantile(stats[:, j], s) if s > 0 else -1.0 for j in range(len(lengths))]
         prof.set_layer(ml.index, "theta", torch.tensor(thetas, dtype=torch.float32))
         prof.set_layer(ml.index, "theta_lengths", torch.tensor(lengths, dtype=torch.float32))
-        return float((r <= thetas[-1]).float().mean()) if s > 0 else 0.0
+        return float((stats[:, -1] <= thetas[-1]).float().mean()) if s > 0 else 0.0
 
     def neuron_rule(self, prof, ml):
         theta = prof.layer(ml.index, "theta").reshape(-1)
