@@ -90,14 +90,33 @@ def _greedy(first_logits_fn, step_fn, tok, stops: Sequence[str], eos: set[int], 
 class LeanDecoder:
     """Greedy answers on a :class:`~moyu.runtime.LeanModel` (dense, or running a profile)."""
 
-    def __init__(self, model, profile=None, max_seq: int = 4096):
+    def __init__(self, model, profile=None, max_seq: int = 4096, reuse_prefix: bool = True):
         from .runtime import lean_model
         self.lean = lean_model(model, profile, max_seq=max_seq)
         self.max_seq = self.lean.max_seq
+        self.reuse_prefix = reuse_prefix
+        self.reused = self.prefilled = 0   # prompt tokens taken from the cache / computed
+        self._last: list[int] = []
+        if reuse_prefix:
+            self.lean.enable_prompt_reuse()
 
     def answer(self, ids: list[int], tok, stops: Sequence[str], eos: set[int], max_new: int) -> str:
-        """Prefill ``ids[:-1]`` (dense), decode ``ids[-1]`` and the answer with the method on."""
-        self.lean.prefill(ids[:-1])
+        """Prefill ``ids[:-1]`` (dense), decode ``ids[-1]`` and the answer with the method on.
+
+        Consecutive items of a task share long prefixes (the same few-shot examples, the same
+        CoQA story), so the prompt positions the previous item's prefill already computed are
+        reused (keys, values and sequence methods' prompt activations), not recomputed."""
+        prompt = ids[:-1]
+        n = 0
+        if self.reuse_prefix:
+            for a, b in zip(self._last, prompt[:-1]):
+                if a != b:
+                    break
+                n += 1
+        self.lean.prefill(prompt, reuse=n)
+        self._last = list(prompt)
+        self.reused += n
+        self.prefilled += len(prompt) - n
         return _greedy(lambda: self.lean.decode_step(ids[-1]), self.lean.decode_step, tok, stops, eos, max_new)
 
     def sparsity(self) -> float:
@@ -183,6 +202,8 @@ def evaluate_generation(model, tok, names: list[str], limit: int | None, profile
                            for n in names}
             if prof is not None:
                 out["measured"] = round(dec.sparsity(), 4)
+            # share of prompt tokens whose prefill was taken from the previous item's
+            out.setdefault("prompt_reused", {})[which] = round(dec.reused / max(dec.reused + dec.prefilled, 1), 4)
             del dec
         else:
             sp = modifier if which == "sparse" else None

@@ -170,3 +170,27 @@ def test_real_default_model_greedy_matches_hf():
                             pad_token_id=0)[0, 24:]
     out, _ = LeanModel.from_hf(model, max_seq=64).generate(ids, 16)
     assert out.tolist() == hf.tolist()
+
+
+def test_prefill_reuse_equals_a_full_prefill(tiny):
+    """A prompt sharing its first tokens with the previous one, prefilled with ``reuse``,
+    gives the logits and next steps of a prefill from scratch (the Gemma tiny config's
+    sliding window of 32 is crossed); decoded positions are never offered for reuse."""
+    model, lean = tiny
+    first, second = _ids(SEQ, seed=5), _ids(SEQ + 6, seed=5)
+    second[30:] = _ids(SEQ - 24, seed=6)          # shares 30 tokens with ``first``
+    full = lean.prefill(second)
+    steps_full = [lean.decode_step(t) for t in (7, 9)]
+    lean.prefill(first)
+    lean.decode_step(11)                          # the answer's positions come after the prompt
+    got = lean.prefill(second, reuse=30)
+    steps = [lean.decode_step(t) for t in (7, 9)]
+    scale = full.abs().max().item()
+    assert (got - full).abs().max().item() <= 1e-5 * scale
+    for a, b in zip(steps, steps_full):
+        assert (a - b).abs().max().item() <= 1e-5 * scale
+    with pytest.raises(MoyuError, match="cannot reuse"):
+        lean.prefill(first[:10], reuse=10)       # nothing new to compute
+    lean.reset()
+    with pytest.raises(MoyuError, match="cannot reuse"):
+        lean.prefill(second, reuse=5)            # a reset forgets the cached prompt

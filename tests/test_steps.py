@@ -157,3 +157,27 @@ def test_one_token_embedding_row_equals_the_sliced_rows(fmt):
         assert torch.equal(lin.rows(torch.tensor([r])), lin.rows(torch.tensor([r, r]))[:1])
     with pytest.raises(IndexError):
         lin.rows(torch.tensor([300]))
+
+
+@pytest.mark.parametrize("method", ["griffin", "tda", "sketch-reuse"])
+def test_prefill_reuse_keeps_the_whole_prompts_set(method):
+    """Sequence methods choose their set from the whole prompt even when its first tokens
+    come from the previous prefill; without enable_prompt_reuse() reuse is refused."""
+    model = tiny_model("llama", layers=2)
+    prof = calibrate(model, _ids(600, 1), method=method, sparsity=0.5, windows=W)
+    first, second = _ids(30, 2), _ids(36, 2)
+    second[20:] = _ids(16, 3)
+    ref = lean_model(model, prof, max_seq=64)
+    want = ref.prefill(second)
+    want_step = ref.decode_step(5)
+    lean = lean_model(model, prof, max_seq=64)
+    if method != "sketch-reuse":
+        lean.prefill(first)
+        with pytest.raises(MoyuError, match="enable_prompt_reuse"):
+            lean.prefill(second, reuse=20)
+    lean.enable_prompt_reuse()
+    lean.prefill(first)
+    got = lean.prefill(second, reuse=20)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(lean.decode_step(5), want_step, atol=1e-5, rtol=1e-5)
+    assert lean.kept() == ref.kept()

@@ -85,6 +85,7 @@ class LeanModel:
         self._fused_ends = False             # the plan also runs the embedding and the head
         self._h: Tensor | None = None
         self._unfused_reason: str | None = None
+        self._prefilled = 0   # prompt positions of the last prefill (reusable by the next)
 
     @classmethod
     def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
@@ -128,7 +129,7 @@ class LeanModel:
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten, not cleared)."""
-        self.pos = 0
+        self.pos = self._prefilled = 0
 
     @property
     def nbytes(self) -> int:
@@ -228,8 +229,8 @@ class LeanModel:
             out = out.clamp(-L.clip, L.clip)
         return out
 
-    def _split_rope(self, L: LeanLayer, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Prompt ``qkv [T, ...]`` from position 0 -> q ``[T, H, hd]``, k, v ``[T, Hkv, hd]``
+    def _split_rope(self, L: LeanLayer, qkv: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt ``qkv [T, ...]`` from position ``start`` -> q ``[T, H, hd]``, k, v ``[T, Hkv, hd]``
         with q/k norms and RoPE applied (decode does this inside ``attn_decode``)."""
         s, qn, kn, T = self.flat, self.qn, self.kn, qkv.shape[0]
         q = qkv[:, :qn].view(T, s.n_heads, s.head_dim)
@@ -238,7 +239,7 @@ class LeanModel:
         if L.q_norm is not None:
             q, k = L.q_norm(q), L.k_norm(k)
         if L.rope >= 0:
-            cos, sin = s.rope_cos[L.rope][:T, None], s.rope_sin[L.rope][:T, None]
+            cos, sin = s.rope_cos[L.rope][start:start + T, None], s.rope_sin[L.rope][start:start + T, None]
             if L.q_norm is None:  # q and k are adjacent in qkv: rotate both at once
                 rope_(qkv[:, :qn + kn].view(T, s.n_heads + s.n_kv, s.head_dim), cos, sin)
             else:
@@ -259,33 +260,39 @@ class LeanModel:
         out = attn_decode(q, k, v, kc, vc, pos, lo, cos, sin, L.scale, L.softcap or 0.0)
         return L.o(out)
 
-    def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor) -> Tensor:
+    def _attn_prefill(self, li: int, L: LeanLayer, x: Tensor, start: int = 0) -> Tensor:
+        """Prompt positions ``start .. start + T``; the cache already holds the ones before."""
         s, T = self.flat, x.shape[0]
-        q, k, v = self._split_rope(L, self._qkv(L, x))
+        E = start + T
+        q, k, v = self._split_rope(L, self._qkv(L, x), start)
         kc, vc = self.k_cache[li], self.v_cache[li]
-        kc[:, :T] = k.transpose(0, 1)
-        vc[:, :T] = v.transpose(0, 1)
+        kc[:, start:E] = k.transpose(0, 1)
+        vc[:, start:E] = v.transpose(0, 1)
         qh = (q * L.scale).view(T, s.n_kv, self.group, s.head_dim).permute(1, 2, 0, 3)
-        with one_thread(T * T * s.n_heads < _ONE_THREAD_BELOW):
-            scores = qh @ kc[:, None, :T].transpose(-1, -2)           # [Hkv, G, T, T]
+        with one_thread(T * E * s.n_heads < _ONE_THREAD_BELOW):
+            scores = qh @ kc[:, None, :E].transpose(-1, -2)           # [Hkv, G, T, E]
             if L.softcap:
                 scores = torch.tanh(scores / L.softcap) * L.softcap
-            i = torch.arange(T)
-            dist = i[:, None] - i[None, :]
+            dist = torch.arange(start, E)[:, None] - torch.arange(E)[None, :]
             bad = dist < 0
             if L.window:
                 bad |= dist >= L.window
             scores = scores.masked_fill(bad, float("-inf"))
-            out = torch.softmax(scores, dim=-1) @ vc[:, None, :T]      # [Hkv, G, T, hd]
+            out = torch.softmax(scores, dim=-1) @ vc[:, None, :E]      # [Hkv, G, T, hd]
         return L.o(out.permute(2, 0, 1, 3).reshape(T, self.qn))
 
-    def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None) -> Tensor:
-        """One decoder layer; ``pos`` None = prefill of ``h [T, d]`` from position 0."""
+    def _layer(self, li: int, L: LeanLayer, h: Tensor, pos: int | None, start: int = 0) -> Tensor:
+        """One decoder layer; ``pos`` None = prefill of ``h [T, d]`` from position ``start``."""
         s = self.flat
         decode = pos is not None
-        mlp = L.mlp.decode if decode else L.mlp.prefill
+        if decode:
+            mlp = L.mlp.decode
+        elif start and hasattr(L.mlp, "prefill_from"):   # steps that keep prompt statistics
+            mlp = lambda x: L.mlp.prefill_from(x, start)   # noqa: E731
+        else:
+            mlp = L.mlp.prefill
         x = h if s.post_ln else L.ln_attn(h)
-        a = self._attn_decode(li, L, x, pos) if decode else self._attn_prefill(li, L, x)
+        a = self._attn_decode(li, L, x, pos) if decode else self._attn_prefill(li, L, x, start)
         if L.ln_attn_out is not None:
             a = L.ln_attn_out(a)
         if s.parallel:
@@ -304,22 +311,43 @@ class LeanModel:
             raise MoyuError(f"sequence of {self.pos + n} tokens exceeds the runtime's max_seq "
                             f"{self.max_seq}: rebuild with LeanModel.from_hf(..., max_seq=N)")
 
-    def _prefill_hidden(self, ids: Tensor) -> Tensor:
+    def _prefill_hidden(self, ids: Tensor, reuse: int = 0) -> Tensor:
         ids = torch.as_tensor(ids).reshape(-1)
+        if reuse and not all(getattr(L.mlp, "keep_prompt", True) for L in self.flat.layers):
+            raise MoyuError("prompt reuse needs enable_prompt_reuse() before the first prefill "
+                            "(the method's steps did not keep the earlier prompt)")
+        if not 0 <= reuse <= min(self._prefilled, ids.shape[0] - 1):
+            raise MoyuError(f"cannot reuse {reuse} cached prompt positions: the last prefill "
+                            f"cached {self._prefilled} and this prompt has {ids.shape[0]} tokens "
+                            "(at least one must be new)")
         self.pos = 0
         self._check_room(ids.shape[0])
-        h = self._embed(ids, 0)
+        self._prefilled = 0   # until this prefill is complete, nothing cached is reusable
+        h = self._embed(ids[reuse:], reuse)
         for li, L in enumerate(self.flat.layers):
-            h = self._layer(li, L, h, None)
-        self.pos = ids.shape[0]
+            h = self._layer(li, L, h, None, reuse)
+        self.pos = self._prefilled = ids.shape[0]
         return h
 
     # ----------------------------------------------------------------- public
     @torch.inference_mode()
-    def prefill(self, ids: Tensor) -> Tensor:
-        """Run the prompt ``ids`` (``[T]`` or ``[1, T]``) from position 0; logits of its last position."""
-        h = self._prefill_hidden(ids)
+    def prefill(self, ids: Tensor, reuse: int = 0) -> Tensor:
+        """Run the prompt ``ids`` (``[T]`` or ``[1, T]``) from position 0; logits of its last position.
+
+        ``reuse``: the first ``reuse`` tokens equal those of the previous prefill (the caller
+        checks), so their cached keys and values, and the prompt statistics of sequence-level
+        methods, are kept and only the rest is computed. Decoded positions are never reused:
+        a method may have run sparse there, while a prompt is dense.
+        """
+        h = self._prefill_hidden(ids, reuse)
         return self._head(h[-1])
+
+    def enable_prompt_reuse(self) -> None:
+        """Let steps that choose from the prompt keep its activations for :meth:`prefill`'s
+        ``reuse`` (off by default: ``[T, d_ff]`` floats per layer)."""
+        for L in self.flat.layers:
+            if hasattr(L.mlp, "keep_prompt"):
+                L.mlp.keep_prompt = True
 
     @torch.inference_mode()
     def decode_step(self, token_id: int | Tensor, reuse_logits: bool = False) -> Tensor:

@@ -161,10 +161,22 @@ class PromptStep(DenseMLPStep):
         self.rule = rule
         self.sliced: PackedMLP | None = None
         self.slice_seconds = 0.0
+        self.keep_prompt = False          # hold the prompt's activations for prefill_from
+        self._prompt_a: Tensor | None = None
 
     def prefill(self, x: Tensor) -> Tensor:
+        return self.prefill_from(x, 0)
+
+    def prefill_from(self, x: Tensor, start: int) -> Tensor:
+        """Prompt positions ``start ..`` (``x``); the set is chosen from the whole prompt, the
+        first ``start`` positions' activations coming from the previous prefill."""
         a = packed_activations(x, self.packed)
         y = packed_mlp_matmul(x, self.packed, a)
+        if start:
+            if self._prompt_a is None or self._prompt_a.shape[0] < start:
+                raise MoyuError("no kept prompt to continue: enable_prompt_reuse() before the first prefill")
+            a = torch.cat([self._prompt_a[:start], a])
+        self._prompt_a = a if self.keep_prompt else None
         t0 = time.perf_counter()
         keep = self.rule.choose(a[None], LayerInputs())[0]
         idx = keep.nonzero().squeeze(1).to(torch.int32)
