@@ -75,6 +75,7 @@ class Completion:
     finish_reason: str = "length"                     # "stop", "length" or "cancelled"
     prefill_s: float = 0.0                            # prompt -> first token (time to first token)
     decode_s: float = 0.0                             # the remaining tokens
+    prompt_reused: int = 0                            # prompt tokens taken from the last prefill
 
     @property
     def completion_tokens(self) -> int:
@@ -281,7 +282,13 @@ class Engine:
             detok, stops = Detokenizer(self.tok, ids), StopMatcher(params.stop)
             out.finish_reason = "cancelled"
             t0 = time.perf_counter()
-            logits = self.runtime.prefill(torch.tensor(ids, dtype=torch.long))
+            prompt = torch.tensor(ids, dtype=torch.long)
+            # a conversation's next turn repeats the earlier turns: their keys and values are
+            # still in the cache from the last prefill, so only the new tokens are computed
+            reuse = getattr(self.runtime, "reusable_prefix", lambda _ids: 0)(prompt)
+            logits = (self.runtime.prefill(prompt, reuse=reuse) if reuse
+                      else self.runtime.prefill(prompt))
+            out.prompt_reused = reuse
             # the lean runtime reuses one logits buffer: each step's logits are used up by pick first
             step = (partial(self.runtime.decode_step, reuse_logits=True) if isinstance(self.runtime, LeanModel)
                     else self.runtime.decode_step)

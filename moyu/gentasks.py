@@ -96,7 +96,6 @@ class LeanDecoder:
         self.max_seq = self.lean.max_seq
         self.reuse_prefix = reuse_prefix
         self.reused = self.prefilled = 0   # prompt tokens taken from the cache / computed
-        self._last: list[int] = []
         if reuse_prefix:
             self.lean.enable_prompt_reuse()
 
@@ -106,15 +105,10 @@ class LeanDecoder:
         Consecutive items of a task share long prefixes (the same few-shot examples, the same
         CoQA story), so the prompt positions the previous item's prefill already computed are
         reused (keys, values and sequence methods' prompt activations), not recomputed."""
-        prompt = ids[:-1]
-        n = 0
-        if self.reuse_prefix:
-            for a, b in zip(self._last, prompt[:-1]):
-                if a != b:
-                    break
-                n += 1
+        import torch
+        prompt = torch.tensor(ids[:-1], dtype=torch.long)
+        n = self.lean.reusable_prefix(prompt) if self.reuse_prefix else 0
         self.lean.prefill(prompt, reuse=n)
-        self._last = list(prompt)
         self.reused += n
         self.prefilled += len(prompt) - n
         return _greedy(lambda: self.lean.decode_step(ids[-1]), self.lean.decode_step, tok, stops, eos, max_new)

@@ -197,7 +197,7 @@ def usage(c: Completion) -> dict[str, int]:
 def timings(c: Completion, engine: Engine) -> dict[str, Any]:
     """moyu's own figures, beside the OpenAI fields (clients ignore unknown keys)."""
     s = engine.sparsity()
-    return {"prefill_s": round(c.prefill_s, 4), "decode_s": round(c.decode_s, 4),
+    return {"prefill_s": round(c.prefill_s, 4), "prompt_reused": c.prompt_reused, "decode_s": round(c.decode_s, 4),
             "decode_tok_s": round(c.decode_tok_s, 2), "method": engine.method,
             "sparsity": None if s is None else round(s, 4)}
 

@@ -143,3 +143,20 @@ def test_chat_ids_follow_the_template(engine, tiny_llm):
     assert engine.chat_ids([{"role": "user", "content": "hi"}]) == chat_ids(tok, "hi")[0].tolist()
     with pytest.raises(MoyuError):
         e.chat_ids([])
+
+
+def test_a_conversations_next_turn_reuses_the_earlier_prompt(engine, tiny_llm, one_thread):
+    """The second request repeats the first prompt: only its new tokens are prefilled, and
+    the reply equals that of a runtime that prefilled the whole prompt."""
+    from moyu.runtime import lean_model
+    model, _ = tiny_llm
+    first = engine.encode("the cat sat on the mat")
+    reply = engine.complete(first, GenerationParams(max_tokens=6))
+    second = first + reply.tokens + engine.encode(" and then the dog")[1:]
+    got = engine.complete(second, GenerationParams(max_tokens=12))
+    assert got.prompt_reused == len(first)     # the reply was decoded, not prefilled: not reused
+    want, _ = lean_model(model, None, max_seq=96).generate(torch.tensor(second), 12,
+                                                         eos_token_id=sorted(engine.eos))
+    assert got.tokens == want.tolist()
+    other = engine.complete(engine.encode("a different start"), GenerationParams(max_tokens=4))
+    assert other.prompt_reused <= 1            # at most the BOS

@@ -194,3 +194,17 @@ def test_prefill_reuse_equals_a_full_prefill(tiny):
     lean.reset()
     with pytest.raises(MoyuError, match="cannot reuse"):
         lean.prefill(second, reuse=5)            # a reset forgets the cached prompt
+
+
+def test_reusable_prefix_is_the_checked_common_prefix(tiny):
+    _, lean = tiny
+    a = _ids(20, seed=8)
+    b = a.clone()
+    b[12] = (b[12] + 1) % 200 + 3
+    lean.prefill(a)
+    assert lean.reusable_prefix(b) == 12 and lean.reusable_prefix(a) == 19
+    assert lean.reusable_prefix(a[:1]) == 0
+    with pytest.raises(MoyuError, match="differ from the last prefill"):
+        lean.prefill(b, reuse=13)
+    lean.reset()
+    assert lean.reusable_prefix(a) == 0

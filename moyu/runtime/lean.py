@@ -86,6 +86,7 @@ class LeanModel:
         self._h: Tensor | None = None
         self._unfused_reason: str | None = None
         self._prefilled = 0   # prompt positions of the last prefill (reusable by the next)
+        self._last_ids = torch.empty(0, dtype=torch.long)
 
     @classmethod
     def from_hf(cls, model: nn.Module, mlp_factory: MLPFactory | None = None,
@@ -320,6 +321,9 @@ class LeanModel:
             raise MoyuError(f"cannot reuse {reuse} cached prompt positions: the last prefill "
                             f"cached {self._prefilled} and this prompt has {ids.shape[0]} tokens "
                             "(at least one must be new)")
+        if reuse and not torch.equal(ids[:reuse], self._last_ids[:reuse]):
+            raise MoyuError(f"cannot reuse {reuse} cached prompt positions: this prompt's first "
+                            f"{reuse} tokens differ from the last prefill's (see reusable_prefix)")
         self.pos = 0
         self._check_room(ids.shape[0])
         self._prefilled = 0   # until this prefill is complete, nothing cached is reusable
@@ -327,6 +331,7 @@ class LeanModel:
         for li, L in enumerate(self.flat.layers):
             h = self._layer(li, L, h, None, reuse)
         self.pos = self._prefilled = ids.shape[0]
+        self._last_ids = ids.clone()
         return h
 
     # ----------------------------------------------------------------- public
@@ -341,6 +346,17 @@ class LeanModel:
         """
         h = self._prefill_hidden(ids, reuse)
         return self._head(h[-1])
+
+    def reusable_prefix(self, ids: Tensor) -> int:
+        """How many leading tokens of ``ids`` :meth:`prefill` may take from the last prefill:
+        the common prefix, at most ``len(ids) - 1``; 0 when a step cannot continue a prompt
+        (a sequence method without :meth:`enable_prompt_reuse`) or after :meth:`reset`."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        n = min(self._prefilled, ids.shape[0] - 1)
+        if n <= 0 or not all(getattr(L.mlp, "keep_prompt", True) for L in self.flat.layers):
+            return 0
+        diff = (ids[:n] != self._last_ids[:n]).nonzero()
+        return int(diff[0, 0]) if diff.numel() else n
 
     def enable_prompt_reuse(self) -> None:
         """Let steps that choose from the prompt keep its activations for :meth:`prefill`'s

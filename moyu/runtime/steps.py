@@ -36,6 +36,12 @@ class MLPStep(Protocol):
     statistics here and may slice their weights once). ``decode`` gets one position
     ``[d]`` (float32, contiguous) and returns ``[d]``; it sets ``kept`` to the number
     of neurons it computed.
+
+    Prompt reuse (:meth:`LeanModel.prefill` with ``reuse``) hands ``prefill`` only the new
+    positions. A step whose prefill records prompt statistics must therefore also have a
+    ``keep_prompt`` flag and ``prefill_from(x, start)`` (as
+    :class:`~moyu.runtime.sparse.PromptStep`); one without ``keep_prompt`` is taken to
+    keep no state across positions.
     """
 
     kept: int
