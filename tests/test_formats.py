@@ -77,8 +77,11 @@ def test_int8_keeps_a_matrix_the_int4_grid_holds_exactly_in_int4():
     q = pack_quantized(exact, "int8")
     assert q.fmt == "int4" and torch.equal(q.dequantize(), exact)
     near = exact.clone()
-    near[11, 5] += 1e-3   # one weight off the grid: the whole matrix is int8
+    near[11, :32] += 0.1 * torch.randn(32, generator=g)   # one block off the grid: int8 is closer overall
     assert pack_quantized(near, "int8").fmt == "int8"
+    tiny = exact.clone()
+    tiny[11, 5] += 1e-4   # off the grid by less than int8's own rounding: int4 still wins
+    assert pack_quantized(tiny, "int8").fmt == "int4"
     rand = torch.randn(16, 96, generator=g)
     assert torch.equal(pack_quantized(rand, "int8").qs, quantize(rand, "int8").qs)
     assert pack_quantized(exact, "int4").fmt == "int4"
@@ -103,3 +106,34 @@ def test_int8_on_a_4bit_source_is_lossless_where_int4_is():
     int8 = lean.logits(ids, n_prefill=8)[8:]
     int4 = LeanModel.from_hf(model, weights="int4", max_seq=32).logits(ids, n_prefill=8)[8:]
     assert torch.equal(int8, int4) and not torch.equal(int8, fp32)
+
+
+def _q4k_like(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Values as GGUF Q4_K stores them: per 256-wide super-block an fp16 ``d`` and ``dmin``,
+    per 32-wide sub-block 6-bit ``sc`` and ``m``, codes 0..15 that need not span the range."""
+    g = torch.Generator().manual_seed(seed)
+    sb = cols // 256
+    d = (torch.rand(rows, sb, 1, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    dmin = (torch.rand(rows, sb, 1, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    sc = torch.randint(1, 64, (rows, sb, 8, 1), generator=g).float()
+    mn = torch.randint(0, 64, (rows, sb, 8, 1), generator=g).float()
+    lo = torch.randint(0, 3, (rows, sb, 8, 1), generator=g)
+    hi = torch.randint(12, 16, (rows, sb, 8, 1), generator=g)
+    q = (lo + (torch.rand(rows, sb, 8, 32, generator=g) * (hi - lo + 1)).floor()).clamp(max=15)
+    return (d * sc * q - dmin * mn).reshape(rows, cols)
+
+
+def test_int4_holds_a_q4k_source_on_its_own_steps():
+    """Q4_K sub-blocks whose codes do not span 0..15: min/max steps would re-quantize them;
+    int4 finds each block's own step (exact up to its fp16 rounding), and int8 keeps them int4."""
+    from moyu.kernels.quant import block_errors, pack_quantized, quantize
+    w = _q4k_like(8, 512)
+    q4 = quantize(w, "int4")
+    step = (w.view(8, -1, 32).amax(-1) - w.view(8, -1, 32).amin(-1)) / 15
+    e4, e8 = block_errors(w, q4), block_errors(w, quantize(w, "int8"))
+    assert float((e4 / step).max()) < 0.05      # the fp16 offset's rounding, not a requantization
+    assert bool((e4 <= e8).all()) and float(e4.mean()) < 0.1 * float(e8.mean())
+    assert pack_quantized(w, "int8").fmt == "int4"
+    r = torch.randn(8, 512, generator=torch.Generator().manual_seed(1))
+    minmax_step = (r.view(8, -1, 32).amax(-1) - r.view(8, -1, 32).amin(-1)) / 15
+    assert float((block_errors(r, quantize(r, "int4")) / minmax_step).max()) <= 0.5 + 1e-3

@@ -161,7 +161,9 @@ def quantize(w: Tensor, fmt: str) -> QuantMatrix:
 
     int8: ``d = amax / 127`` per block (rounded to fp16), ``q = round(w / d)``. int4: ``m =
     min``, ``d = (max - min) / 15`` per block (both rounded to fp16), ``q = round((w - m) /
-    d)`` clamped to [0, 15]. Codes are computed from the fp16-rounded parameters, so
+    d)`` clamped to [0, 15]; a block whose values already lie on a grid of at most 16
+    levels with another step (the smallest gap between them) keeps that step when it
+    rounds them more exactly. Codes are computed from the fp16-rounded parameters, so
     ``dequantize`` is within half a step of ``w``.
     """
     format_id(fmt)
@@ -183,19 +185,47 @@ def quantize(w: Tensor, fmt: str) -> QuantMatrix:
     lo = torch.where(valid, blk, torch.full_like(blk, big)).amin(-1)
     hi = torch.where(valid, blk, torch.full_like(blk, -big)).amax(-1)
     m = lo.half()
-    d = ((hi - m.float()) / 15).half()
-    df, mf = d.float().unsqueeze(-1), m.float().unsqueeze(-1)
-    q = torch.where(df > 0, (blk - mf) / df, torch.zeros_like(blk)).round().clamp(0, 15)
-    q = torch.where(valid, q, torch.zeros_like(q)).to(torch.uint8)
+    span = hi - m.float()
+    d = (span / 15).half()
+    q, err = _codes4(blk, valid, d, m)
+    # A block already on a coarser grid (a 4-bit GGUF source whose codes do not span 0..15,
+    # e.g. Q4_K sub-blocks with their own 6-bit scales) is held by its own step instead:
+    # the smallest gap between its values, if every value lies on that grid.
+    srt = torch.where(valid, blk, lo.unsqueeze(-1)).sort(-1).values
+    gaps = srt[..., 1:] - srt[..., :-1]
+    gap = torch.where(gaps > 1e-3 * span.unsqueeze(-1), gaps, torch.full_like(gaps, big)).amin(-1)
+    levels = torch.where(gap < big, span / gap, torch.ones_like(span)).round().clamp(1, 15)
+    d_grid = (span / levels).half()
+    q_grid, err_grid = _codes4(blk, valid, d_grid, m)
+    better = err_grid < err
+    d = torch.where(better, d_grid, d)
+    q = torch.where(better.unsqueeze(-1), q_grid, q)
     packed = q[..., :QBLOCK // 2] | (q[..., QBLOCK // 2:] << 4)
     return QuantMatrix("int4", cols, packed.reshape(rows, -1).contiguous(), d.contiguous(), m.contiguous())
+
+
+def _codes4(blk: Tensor, valid: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """int4 codes of blocks for fp16 ``d``, ``m`` and each block's largest round-trip error."""
+    df, mf = d.float().unsqueeze(-1), m.float().unsqueeze(-1)
+    q = torch.where(df > 0, (blk - mf) / df, torch.zeros_like(blk)).round().clamp(0, 15)
+    q = torch.where(valid, q, torch.zeros_like(q))
+    err = torch.where(valid, (q * df + mf - blk).abs(), torch.zeros_like(blk)).amax(-1)
+    return q.to(torch.uint8), err
+
+
+def block_errors(w: Tensor, q: QuantMatrix) -> Tensor:
+    """Largest absolute round-trip error of each block of ``w [rows, cols]`` under ``q``: [rows, nb]."""
+    blk, valid = _blocks(w.detach().to(device="cpu", dtype=torch.float32))
+    deq, _ = _blocks(q.dequantize())
+    return torch.where(valid, (deq - blk).abs(), torch.zeros_like(blk)).amax(-1)
 
 
 def pack_quantized(w: Tensor, fmt: str) -> QuantMatrix:
     """The matrix the runtime stores for ``w`` under the weight format ``fmt``.
 
-    ``quantize(w, fmt)``, except under ``int8`` for a matrix that the int4 grid holds
-    exactly (a 4-bit GGUF source, Q4_0/Q4_1, along its own blocks): that one is kept in
+    ``quantize(w, fmt)``, except under ``int8`` for a matrix that int4 holds at least as
+    exactly as int8 (total squared error; a 4-bit GGUF source along its own blocks: Q4_0/Q4_1
+    bit for bit, Q4_K up to the fp16 rounding of its sub-block steps): that one is kept in
     int4, the same values in 20 instead of 34 bytes per block, where the symmetric int8
     grid could only approximate them (``amax / 127`` steps do not fall on the source's
     16 levels and offset). So ``int8`` never stores a matrix less exactly than its source
@@ -204,10 +234,14 @@ def pack_quantized(w: Tensor, fmt: str) -> QuantMatrix:
     if fmt == "int8" and w.dim() == 2 and w.shape[0]:
         w32 = w.detach().to(device="cpu", dtype=torch.float32)
         head = w32[:8]
-        if torch.equal(quantize(head, "int4").dequantize(), head):   # cheap rejection first
-            q4 = quantize(w32, "int4")
-            if torch.equal(q4.dequantize(), w32):
-                return q4
+
+        def no_worse(x: Tensor) -> tuple[bool, QuantMatrix]:   # by total squared error
+            q4, q8 = quantize(x, "int4"), quantize(x, "int8")
+            return float((q4.dequantize() - x).square().sum()) <= float((q8.dequantize() - x).square().sum()), q8
+
+        if no_worse(head)[0]:   # cheap rejection first
+            ok, q8 = no_worse(w32)
+            return quantize(w32, "int4") if ok else q8
     return quantize(w, fmt)
 
 
