@@ -235,13 +235,13 @@ def pack_quantized(w: Tensor, fmt: str) -> QuantMatrix:
         w32 = w.detach().to(device="cpu", dtype=torch.float32)
         head = w32[:8]
 
-        def no_worse(x: Tensor) -> tuple[bool, QuantMatrix]:   # by total squared error
+        def pick(x: Tensor) -> QuantMatrix:   # the one with the smaller total squared error
             q4, q8 = quantize(x, "int4"), quantize(x, "int8")
-            return float((q4.dequantize() - x).square().sum()) <= float((q8.dequantize() - x).square().sum()), q8
+            sq = lambda q: float((q.dequantize() - x).square().sum())   # noqa: E731
+            return q4 if sq(q4) <= sq(q8) else q8
 
-        if no_worse(head)[0]:   # cheap rejection first
-            ok, q8 = no_worse(w32)
-            return quantize(w32, "int4") if ok else q8
+        if pick(head).fmt == "int4":   # cheap rejection first
+            return pick(w32)
     return quantize(w, fmt)
 
 
