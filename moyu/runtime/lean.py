@@ -314,7 +314,7 @@ class LeanModel:
 
     def _prefill_hidden(self, ids: Tensor, reuse: int = 0) -> Tensor:
         ids = torch.as_tensor(ids).reshape(-1)
-        if reuse and not all(getattr(L.mlp, "keep_prompt", True) for L in self.flat.layers):
+        if reuse and not self._steps_keep_prompts():
             raise MoyuError("prompt reuse needs enable_prompt_reuse() before the first prefill "
                             "(the method's steps did not keep the earlier prompt)")
         if not 0 <= reuse <= min(self._prefilled, ids.shape[0] - 1):
@@ -339,9 +339,10 @@ class LeanModel:
     def prefill(self, ids: Tensor, reuse: int = 0) -> Tensor:
         """Run the prompt ``ids`` (``[T]`` or ``[1, T]``) from position 0; logits of its last position.
 
-        ``reuse``: the first ``reuse`` tokens equal those of the previous prefill (the caller
-        checks), so their cached keys and values, and the prompt statistics of sequence-level
-        methods, are kept and only the rest is computed. Decoded positions are never reused:
+        ``reuse``: the first ``reuse`` tokens equal those of the previous prefill (checked;
+        :meth:`reusable_prefix` finds the longest such prefix), so their cached keys and
+        values, and the prompt statistics of sequence-level methods, are kept and only the
+        rest is computed. Decoded positions are never reused:
         a method may have run sparse there, while a prompt is dense.
         """
         h = self._prefill_hidden(ids, reuse)
@@ -353,10 +354,14 @@ class LeanModel:
         (a sequence method without :meth:`enable_prompt_reuse`) or after :meth:`reset`."""
         ids = torch.as_tensor(ids).reshape(-1)
         n = min(self._prefilled, ids.shape[0] - 1)
-        if n <= 0 or not all(getattr(L.mlp, "keep_prompt", True) for L in self.flat.layers):
+        if n <= 0 or not self._steps_keep_prompts():
             return 0
         diff = (ids[:n] != self._last_ids[:n]).nonzero()
         return int(diff[0, 0]) if diff.numel() else n
+
+    def _steps_keep_prompts(self) -> bool:
+        # steps without the flag keep no prompt state (see MLPStep)
+        return all(getattr(L.mlp, "keep_prompt", True) for L in self.flat.layers)
 
     def enable_prompt_reuse(self) -> None:
         """Let steps that choose from the prompt keep its activations for :meth:`prefill`'s
