@@ -142,6 +142,9 @@ class QuantizedWeights:
     def begin(self, prompt_len: "int | list[int]") -> None:
         """Nothing to do per forward (harness interface)."""
 
+    def resume(self) -> None:
+        """Nothing to do: every position runs at the format (harness interface)."""
+
     def measured(self) -> dict[str, float]:
         """No counters (harness interface)."""
         return {}
@@ -173,6 +176,11 @@ class Both:
         """Forwarded to both."""
         self.outer.begin(prompt_len)
         self.inner.begin(prompt_len)
+
+    def resume(self) -> None:
+        """Forwarded to both."""
+        self.outer.resume()
+        self.inner.resume()
 
     def measured(self) -> dict[str, float]:
         """The inner modifier's counters."""

@@ -56,7 +56,10 @@ def test_every_evaluation_window_starts_with_bos_and_scores_the_same_tokens(tiny
         h.remove()
     starts = W.starts(len(ids))
     assert res.tokens == len(starts) * W.scored and res.to_dict()["bos"] is True
-    assert [w.tolist() for w in seen] == [[BOS] + ids[s: s + W.prompt + W.scored].tolist() for s in starts]
+    # each window runs as its prefill (BOS and prompt) and then its scored tokens on that cache
+    assert [len(w) for w in seen] == [W.prompt + 1, W.scored] * len(starts)
+    windows = [torch.cat(seen[i: i + 2]).tolist() for i in range(0, len(seen), 2)]
+    assert windows == [[BOS] + ids[s: s + W.prompt + W.scored].tolist() for s in starts]
     nll = 0.0
     with torch.inference_mode():
         for s in starts:
@@ -90,6 +93,9 @@ def test_the_bos_is_a_dense_position_for_modifiers_and_calibration(tiny):
 
         def begin(self, n):
             self.prompts.append(n)
+
+        def resume(self):
+            pass
 
         def measured(self):
             return {}

@@ -34,6 +34,10 @@ class NoOp:
 
     def begin(self, prompt_len):
         self.prompts.append(prompt_len)
+        self.boundary = prompt_len
+
+    def resume(self):
+        self.boundary = 0
 
     def measured(self):
         return {"sparsity": 0.0}
@@ -50,7 +54,7 @@ class HalveMLP(NoOp):
     def __enter__(self):
         def hook(_m, _a, out):
             out = out.clone()
-            out[:, self.prompts[-1]:] *= 0.5
+            out[:, self.boundary:] *= 0.5
             return out
         self.handles = [ml.down.register_forward_hook(hook) for ml in self.layers]
         return self
@@ -201,3 +205,50 @@ def test_modifier_leaves_prompt_positions_dense(tiny):
 def test_to_dict_drops_empty_fields():
     d = EvalResult(tokens=10, ppl=1.23456789, seconds=0.5, windows=Windows(3, 4)).to_dict()
     assert d == {"tokens": 10, "ppl": 1.234568, "seconds": 0.5, "prompt_len": 3, "scored_len": 4, "bos": False}
+
+
+def _one_forward_nll(model, ids, w, modifier):
+    """Scored NLL of every window as one forward with the modifier on past the prompt
+    (the protocol without a KV cache)."""
+    nll = []
+    with torch.inference_mode():
+        for s in w.starts(len(ids)):
+            with modifier:
+                modifier.begin(w.lead)
+                logits = model(w.window(ids, s)[None], logits_to_keep=w.scored).logits[0]
+            nll.append(torch.nn.functional.cross_entropy(logits, w.targets(ids, s), reduction="none"))
+    return torch.cat(nll).double()
+
+
+@pytest.mark.parametrize("method", ["cats", "griffin"])
+def test_cached_prefill_equals_one_forward_and_is_shared_only_by_token_methods(tiny, method):
+    """The scored tokens on the prefill's cache give the one-forward numbers; a token-level
+    sparsifier continues the stored dense prefill (it runs only the scored tokens), a
+    sequence-level one runs its own prefill, whose activations choose its set."""
+    from moyu.methods import calibrate, sparsify
+    model = tiny("llama")
+    ids = _ids(120)
+    mod = sparsify(model, calibrate(model, _ids(400, seed=1), method=method, sparsity=0.5, windows=W))
+    assert mod.observes_prompt == (method == "griffin")
+    ref = DenseReference()
+    first = evaluate(model, ids, W, modifier=mod, reference=ref)
+    lengths = []
+    h = model.register_forward_pre_hook(lambda _m, args, kw: lengths.append(args[0].shape[1]),
+                                        with_kwargs=True)
+    try:
+        again = evaluate(model, ids, W, modifier=mod, reference=ref)
+    finally:
+        h.remove()
+    n = len(W.starts(len(ids)))
+    assert lengths == ([W.scored] * n if method == "cats" else [W.prompt, W.scored] * n)
+    assert again.ppl == first.ppl and again.kl == first.kl
+    want = _one_forward_nll(model, ids, W, mod)
+    assert torch.allclose(torch.as_tensor(first.per_token["nll"]), want, rtol=1e-4, atol=1e-5)
+    assert first.ppl != first.dense_ppl
+
+
+def test_a_modifier_without_resume_is_refused(tiny):
+    class Old(NoOp):
+        resume = None
+    with pytest.raises(MoyuError, match="resume"):
+        evaluate(tiny("llama"), _ids(120), W, modifier=Old())

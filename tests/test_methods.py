@@ -326,3 +326,17 @@ def test_teal_refined_thresholds_hit_the_target_on_held_out():
                          allocation="uniform", refine=refine, calib_windows=60)
         got[refine] = evaluate(model, _ids(800, seed=2), W, modifier=sparsify(model, prof)).extra["sparsity"]
     assert abs(got[1] - 0.7) < 0.01 < abs(got[0] - 0.7)
+
+
+def test_large_models_calibrate_on_fewer_windows_unless_told(monkeypatch):
+    """At or above LARGE_MODEL_PARAMS the default calib_windows drops to 8 (recorded in the
+    profile); an explicit calib_windows is kept."""
+    from moyu.methods import method as M
+    model = tiny_model("llama")
+    n = sum(p.numel() for p in model.parameters())
+    ids = _ids(12 * W.scored + W.prompt + 1)
+    assert calibrate(model, ids, method="cats", sparsity=0.5, windows=W).params["calib_windows"] == 16
+    monkeypatch.setattr(M, "LARGE_MODEL_PARAMS", n)
+    assert calibrate(model, ids, method="cats", sparsity=0.5, windows=W).params["calib_windows"] == 8
+    told = calibrate(model, ids, method="cats", sparsity=0.5, windows=W, calib_windows=12)
+    assert told.params["calib_windows"] == 12

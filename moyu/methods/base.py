@@ -184,6 +184,16 @@ class Sparsifier:
         self.total_linear_bytes = sum(_layer_linear_params(ml) for ml in self.layers)
 
     # -- protocol ---------------------------------------------------------------------------
+    # positions before the boundary run exactly as in the dense model, so an evaluation may
+    # continue the dense prefill's own KV cache (unless a rule must see the prompt)
+    dense_prompt = True
+
+    @property
+    def observes_prompt(self) -> bool:
+        """True when a rule chooses its set from the prompt (sequence rules), so the prompt
+        must run through this sparsifier's hooks."""
+        return any(r is not None and r.sequence for r in (self.neuron_rules or []))
+
     def begin(self, prompt_len: int | Sequence[int] | torch.Tensor | None) -> None:
         """Positions ``< prompt_len`` of each following forward run dense (None: auto mode).
 

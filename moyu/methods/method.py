@@ -24,6 +24,11 @@ from .base import InputRule, NeuronRule, Sparsifier
 from .options import CalibOptions, make_options
 
 METHODS: dict[str, "Method"] = {}
+# Models this large calibrate on fewer windows unless ``calib_windows`` is given: a window's
+# forward is what calibration costs, and on 1.5B the default 16 windows took ~3 minutes of
+# the 5 that `moyu eval` may take (docs/findings.md measures the quality difference)
+LARGE_MODEL_PARAMS = 1_000_000_000
+LARGE_MODEL_CALIB_WINDOWS = 8
 
 
 def register(method: "Method") -> "Method":
@@ -79,6 +84,8 @@ class Method:
         self.check(model)
         windows = windows.resolved(model)
         opts = self.make_options(**params)
+        if "calib_windows" not in params and sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS:
+            opts = dataclasses.replace(opts, calib_windows=min(opts.calib_windows, LARGE_MODEL_CALIB_WINDOWS))
         prof = Profile(method=self.name, target=dict(target), params=dataclasses.asdict(opts),
                        model=fingerprint(model), config_version=self.version)
         layers = mlp_layers(model)

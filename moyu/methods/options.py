@@ -28,7 +28,7 @@ class CalibOptions:
     """Calibration sampling shared by every method."""
 
     per_window: int = per_window_field(64)
-    calib_windows: int = field(default=16, metadata={"min": 2, "help": "calibration windows read"})
+    calib_windows: int = field(default=16, metadata={"min": 2, "help": "calibration windows read (default 8 on models of >= 1B parameters)"})
 
 
 def option_fields(cls: type) -> dict[str, tuple[Any, Any, dict]]:
