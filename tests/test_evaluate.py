@@ -11,6 +11,7 @@ from moyu import MoyuError
 from moyu.arch import mlp_layers
 from moyu.evaluate import DenseReference, EvalResult, Windows, evaluate
 from moyu.stats import Bootstrap
+from moyu.tiny import TINY_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W = Windows(prompt=16, scored=24)
@@ -252,3 +253,21 @@ def test_a_modifier_without_resume_is_refused(tiny):
         resume = None
     with pytest.raises(MoyuError, match="resume"):
         evaluate(tiny("llama"), _ids(120), W, modifier=Old())
+
+
+@pytest.mark.parametrize("arch", TINY_TYPES)
+def test_cached_windows_match_one_forward_on_every_architecture(arch):
+    """Sparsity 0 reproduces dense through the shared prefill, and at 0.5 the scored tokens
+    on the KV cache equal one forward with the prompt dense (every family's cache)."""
+    from moyu.methods import calibrate, sparsify
+    from moyu.tiny import tiny_model
+    model = tiny_model(arch)
+    ids = _ids(120)
+    zero = sparsify(model, calibrate(model, _ids(400, seed=1), method="oracle", sparsity=0.0, windows=W))
+    res = evaluate(model, ids, W, modifier=zero, reference=DenseReference())
+    assert res.ppl == res.dense_ppl and res.kl == 0.0 and res.top1_agree == 1.0
+    half = sparsify(model, calibrate(model, _ids(400, seed=1), method="oracle", sparsity=0.5, windows=W))
+    got = evaluate(model, ids, W, modifier=half, reference=DenseReference())
+    want = _one_forward_nll(model, ids, W, half)
+    assert torch.allclose(torch.as_tensor(got.per_token["nll"]), want, rtol=1e-4, atol=1e-4)
+    assert got.ppl != got.dense_ppl
