@@ -176,27 +176,28 @@ class DenseReference:
         """
         return self.get_with_cache(model, ids, start, w)[0]
 
-    def get_with_cache(self, model: nn.Module, ids: torch.Tensor, start: int,
-                       w: Windows) -> tuple[torch.Tensor, Any]:
-        """Dense scored logits of the window at ``start`` and a private copy of its dense
-        prefill's KV cache (None when the cache was not kept)."""
+    def get_with_cache(self, model: nn.Module, ids: torch.Tensor, start: int, w: Windows,
+                       want_cache: bool = True) -> tuple[torch.Tensor, Any]:
+        """Dense scored logits of the window at ``start`` and, with ``want_cache``, a private
+        copy of its dense prefill's KV cache (None when not wanted or not kept)."""
         window = w.window(ids, start)
         key = (id(model), w.prompt, w.scored, w.bos, hash(tuple(window[:16].tolist())))
         hit = self._store.get(key)
         if hit is not None and torch.equal(hit[0], window):
-            return hit[1], (None if hit[2] is None else copy.deepcopy(hit[2]))
+            return hit[1], (copy.deepcopy(hit[2]) if want_cache and hit[2] is not None else None)
         cache = _prefill(model, window, w)
-        kept = copy.deepcopy(cache)
+        may_store = key not in self._store and self._bytes < self.max_bytes
+        kept = copy.deepcopy(cache) if (want_cache or may_store) else None
         logits = _continue(model, window, w, cache)
         nbytes = logits.numel() * logits.element_size()
-        if key not in self._store and self._bytes + nbytes <= self.max_bytes:
+        if may_store and self._bytes + nbytes <= self.max_bytes:
             cbytes = _cache_bytes(kept)
             stored = kept if self._bytes + nbytes + cbytes <= self.max_bytes else None
             self._store[key] = (window.clone(), logits, stored)
             self._bytes += nbytes + (cbytes if stored is not None else 0)
-            if stored is not None:
+            if stored is not None and want_cache:
                 kept = copy.deepcopy(kept)
-        return logits, kept
+        return logits, (kept if want_cache else None)
 
 
 def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
@@ -232,7 +233,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
         for s in tqdm(starts, desc="eval", disable=not progress, leave=False):
             window = windows.window(ids, s)
             target = windows.targets(ids, s)
-            dense, cache = ref.get_with_cache(model, ids, s, windows)
+            dense, cache = ref.get_with_cache(model, ids, s, windows, want_cache=shares_prompt)
             logp_d = F.log_softmax(dense, -1)
             tok_dense.append(-logp_d.gather(1, target[:, None])[:, 0].double())
             if modifier is None:
