@@ -134,25 +134,9 @@ def _continue(model: nn.Module, window: torch.Tensor, w: Windows, cache: Any) ->
 
 
 def _cache_bytes(cache: Any) -> int:
-    """Bytes of the tensors a KV cache holds."""
-    seen: set[int] = set()
-    total = 0
-
-    def walk(obj: Any, depth: int = 0) -> None:
-        nonlocal total
-        if depth > 4 or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size()
-        elif isinstance(obj, (list, tuple)):
-            for x in obj:
-                walk(x, depth + 1)
-        elif hasattr(obj, "__dict__"):
-            for x in vars(obj).values():
-                walk(x, depth + 1)
-    walk(cache)
-    return total
+    """Bytes of the keys and values a KV cache holds (HF caches: one entry per layer)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 
 
 class DenseReference:
@@ -238,7 +222,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor, windows: Windows = Windows(),
             tok_dense.append(-logp_d.gather(1, target[:, None])[:, 0].double())
             if modifier is None:
                 continue
-            if cache is None or not shares_prompt:
+            if cache is None:   # its own prefill (not shared, or the cache was not kept)
                 with modifier:
                     modifier.begin(windows.lead)
                     cache = _prefill(model, window, windows)
