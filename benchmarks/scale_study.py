@@ -97,7 +97,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
     from moyu import data
     from moyu.analysis import analyze
     from moyu.evaluate import DenseReference
-    from moyu.methods import calibrate, calibration_ids
+    from moyu.methods import calibrate, calibration_ids, calibration_source
     from moyu.sweep import run_sweep
 
     load = load or moyu.load
@@ -129,7 +129,7 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
                 result = analyze(model, tok).to_dict()
             elif cell.startswith("sweep-"):
                 _, corpus, method = cell.split("-", 2)
-                rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=corpus),
+                rows = run_sweep(model, calibration_source(tok, args.calib_tokens, corpus=corpus),
                                  data.tokens(tok, "eval", args.tokens, corpus=corpus),
                                  [method], args.sparsities, reference=ref)
                 result = {"corpus": corpus, "method": method, "rows": rows,

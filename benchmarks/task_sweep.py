@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from moyu import MoyuError, load
     from moyu import tasks as T
     from moyu.evaluate import Windows
-    from moyu.methods import calibrate, calibration_ids, check_sparsity, get_method, sparsify
+    from moyu.methods import calibrate, calibration_source, check_sparsity, get_method, sparsify
 
     torch.set_num_threads(args.threads)
     names = T.check_request(args.tasks, None, args.limit)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" not in state["cells"]:
         state["cells"]["dense"] = run_pass(model, tok, configs, names, args.limit, None, "dense")
         write_all(state, out)
-    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text)
+    ids = calibration_source(tok, args.calib_tokens, text_file=args.calib_text)
     order = ([(m, s) for m in methods for s in sparsities] if args.by_method else
              [(m, s) for s in sparsities for m in methods])
     for m, s in order:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in state["cells"]:
             continue
         t0 = time.perf_counter()
-        prof = calibrate(model, ids, method=m, sparsity=s, windows=Windows(prompt=256, scored=256))
+        prof = calibrate(model, ids(m), method=m, sparsity=s, windows=Windows(prompt=256, scored=256))
         calib_s = time.perf_counter() - t0
         sp = sparsify(model, prof)
         cell = run_pass(model, tok, configs, names, args.limit, sp, f"{m} {s:.0%}")

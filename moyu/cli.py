@@ -149,7 +149,8 @@ def make_profile(args: argparse.Namespace, model, tok, sim=None):
                   file=sys.stderr)
         return prof
     params = method_options(args.method, args.option)
-    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus)
+    ids = calibration_ids(tok, args.calib_tokens, text_file=args.calib_text, corpus=args.corpus,
+                          method=args.method)
     with sim or contextlib.nullcontext():
         prof = calibrate(model, ids, method=args.method, sparsity=args.sparsity, cett=args.cett,
                          windows=windows_from(args), progress=not getattr(args, "json", False), **params)
@@ -311,7 +312,7 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import contextlib
     from . import data
-    from .methods import calibration_ids, check_sparsity, get_method
+    from .methods import calibration_source, check_sparsity, get_method
     from .sweep import merge_rows, run_sweep, to_markdown, write_sweep
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -325,7 +326,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # At a simulated format the whole sweep (dense reference included) runs at that format:
     # rows show what sparsity costs on top of the format
     with weights_sim(args, model) or contextlib.nullcontext():
-        rows = run_sweep(model, calibration_ids(tok, args.calib_tokens, corpus=args.corpus),
+        rows = run_sweep(model, calibration_source(tok, args.calib_tokens, corpus=args.corpus),
                          eval_tokens(args, tok), methods, sparsities, windows_from(args))
     text = data.corpus_label(args.corpus, args.text, args.dataset)
     meta = {"model": args.model, "text": text}

@@ -171,15 +171,68 @@ def bos_id(tok) -> int | None:
     return int(bos) if added[:1] == [bos] else None
 
 
+SAMPLES = ("head", "spread")
+# tokens per piece of a spread sample: at the default 256-token window stride, window i's
+# prompt is piece i (what follows it is another piece, so the sample suits methods that read
+# prompts only, TDA)
+SPREAD_PIECE = 256
+
+
 def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str | None = None,
-           dataset: str | None = None, corpus: str = "prose") -> torch.Tensor:
+           dataset: str | None = None, corpus: str = "prose", sample: str = "head") -> torch.Tensor:
     """A 1-D LongTensor of token ids from a split of a built-in corpus, a user's file or a hub dataset.
 
     ``corpus`` picks the built-in text (``prose``: Shakespeare; ``code``: the Python
-    standard library); a file or dataset overrides it. Only as much text as ``n_tokens``
-    needs is tokenised (about 6 characters per token is read, then cut), so large corpora
-    stay cheap.
+    standard library); a file or dataset overrides it. ``sample="head"`` reads the text's
+    first ``n_tokens``, and only as much text as that needs is tokenised (about 6
+    characters per token is read, then cut), so large corpora stay cheap.
+    ``sample="spread"`` instead joins ``n_tokens / 256`` pieces of 256 tokens from all over
+    the text (each play, each source module), in an order whose every prefix is itself
+    spread evenly (a calibration reading only its first windows still sees the whole text).
     """
+    if sample not in SAMPLES:
+        raise MoyuError(f"unknown calibration sample '{sample}': use one of {', '.join(SAMPLES)}")
+    if sample == "spread" and n_tokens is not None:
+        return _spread(_text(split, None, text_file, dataset, corpus), tok, n_tokens)
+    ids = tokens_of(_text(split, n_tokens, text_file, dataset, corpus), tok)
+    return ids if n_tokens is None else ids[:n_tokens]
+
+
+def tokens_of(text: str, tok) -> torch.Tensor:
+    """Token ids of ``text`` without special tokens; one-line error when there are none."""
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() == 0:
+        raise MoyuError("the text has no tokens: pass a file with some prose in it")
+    return ids
+
+
+def _spread(text: str, tok, n_tokens: int) -> torch.Tensor:
+    """``n_tokens`` ids made of pieces of ``SPREAD_PIECE`` tokens from evenly spread points of
+    ``text``, in van der Corput order (0, 1/2, 1/4, 3/4, 1/8, ... of the way through it)."""
+    n = max(1, -(-n_tokens // SPREAD_PIECE))
+    width = SPREAD_PIECE * 8   # characters: comfortably more than a piece of prose or code
+    if len(text) < n * width:   # too short for disjoint pieces: all of it, from the start
+        return tokens_of(text, tok)[:n_tokens]
+    last = len(text) - width
+    pieces = []
+    for i in range(n):
+        at = round(van_der_corput(i) * last)
+        ids = tok(text[at: at + width], return_tensors="pt", add_special_tokens=False).input_ids[0]
+        pieces.append(ids[1 if at else 0:][:SPREAD_PIECE])   # the first token may be a cut word
+    return torch.cat(pieces)[:n_tokens]
+
+
+def van_der_corput(i: int) -> float:
+    """The ``i``-th point of the base-2 van der Corput sequence in [0, 1): i's bits mirrored."""
+    out, scale = 0.0, 0.5
+    while i:
+        out += scale * (i & 1)
+        i, scale = i >> 1, scale / 2
+    return out
+
+
+def _text(split: str, n_tokens: int | None, text_file: str | None, dataset: str | None, corpus: str) -> str:
+    """The raw text behind :func:`tokens` (just enough of it for ``n_tokens`` when given)."""
     max_chars = None if n_tokens is None else n_tokens * 6 + 1000
     check_corpus(corpus)
     if text_file is not None:
@@ -191,10 +244,7 @@ def tokens(tok, split: str = "eval", n_tokens: int | None = 4096, text_file: str
         text = code_text(split, max_chars)
     else:
         text = corpus_text(split, max_chars)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() == 0:
-        raise MoyuError("the text has no tokens: pass a file with some prose in it")
-    return ids if n_tokens is None else ids[:n_tokens]
+    return text
 
 
 if __name__ == "__main__":

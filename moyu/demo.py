@@ -59,7 +59,7 @@ def run_demo(model_name: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int 
     # at a quantized --weights, calibrate and evaluate on the same rounding that decode runs
     sim = None if weight_format(weights).name == "fp32" else QuantizedWeights(model, weights)
     with sim or contextlib.nullcontext():
-        prof = calibrate(model, calibration_ids(tok, 4096, corpus=corpus), method=method,
+        prof = calibrate(model, calibration_ids(tok, 4096, corpus=corpus, method=method), method=method,
                          sparsity=sparsity, progress=True)
     modifier = sparsify(model, prof) if sim is None else Both(sim, sparsify(model, prof))
     sp = evaluate(model, ids, Windows(), modifier=modifier, reference=ref, progress=True)

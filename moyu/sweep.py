@@ -10,7 +10,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,13 +26,16 @@ CI_METRICS = ["ppl", "ppl_ratio", "kl", "top1_agree"]
 CI_COLUMNS = [f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")]
 
 
-def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor, methods: list[str],
+def run_sweep(model: nn.Module, calib_ids: "torch.Tensor | Callable[[str], torch.Tensor]",
+              eval_ids: torch.Tensor, methods: list[str],
               sparsities: list[float], windows: Windows = Windows(), progress: bool = True,
               reference: DenseReference | None = None, **params: Any) -> list[dict[str, Any]]:
     """Calibrate and evaluate every (method, sparsity); returns one row per point.
 
     ``reference``: dense logits to share with other sweeps of the same model and text
     (each dense window is then computed once per process, not once per sweep).
+    ``calib_ids``: one calibration text for every method, or ``method -> ids``
+    (:func:`moyu.methods.calibration_source`, which samples as each method wants).
     """
     import time
 
@@ -51,7 +54,8 @@ def run_sweep(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
     for m, s in bar:
         bar.set_postfix_str(f"{m} @ {s:.2f}")
         t0 = time.perf_counter()
-        prof = calibrate(model, calib_ids, method=m, sparsity=s, windows=windows, **params)
+        ids = calib_ids(m) if callable(calib_ids) else calib_ids
+        prof = calibrate(model, ids, method=m, sparsity=s, windows=windows, **params)
         t1 = time.perf_counter()
         res = evaluate(model, eval_ids, windows, modifier=sparsify(model, prof), reference=ref)
         d = res.to_dict()

@@ -111,3 +111,54 @@ def test_hub_dataset_without_datasets_package_is_one_line(monkeypatch):
     with pytest.raises(MoyuError) as e:
         data.dataset_text("wikitext:wikitext-2-raw-v1:test")
     assert "datasets" in _one_line(e) and "--text" in str(e.value)
+
+
+def test_spread_sample_draws_pieces_from_all_over_the_text(smollm, tmp_path):
+    _, tok = smollm
+    # 100 numbered sections of ~420 characters: the section numbers a piece holds say
+    # where in the text it came from
+    f = tmp_path / "sections.txt"
+    f.write_text("\n".join(f"section {i:02d} " + "the quick brown fox jumps. " * 15 for i in range(100)))
+    n = 8 * data.SPREAD_PIECE
+    head = data.tokens(tok, n_tokens=n, text_file=str(f))
+    spread = data.tokens(tok, n_tokens=n, text_file=str(f), sample="spread")
+    assert len(spread) == len(head) == n
+    assert torch.equal(head, data.tokens(tok, n_tokens=n, text_file=str(f), sample="head"))
+    assert torch.equal(spread, data.tokens(tok, n_tokens=n, text_file=str(f), sample="spread"))
+
+    def sections(ids):
+        return [int(s[:2]) for s in tok.decode(ids).split("section ")[1:]]
+    assert max(sections(head)) < 30
+    for j in range(8):   # piece j starts van_der_corput(j) of the way in: 0, 1/2, 1/4, 3/4, ...
+        first = sections(spread[j * data.SPREAD_PIECE:(j + 1) * data.SPREAD_PIECE])[0]
+        assert abs(first - 100 * data.van_der_corput(j)) <= 6, (j, first)
+
+
+def test_spread_sample_of_a_short_text_is_its_head(smollm, tmp_path):
+    _, tok = smollm
+    f = tmp_path / "short.txt"
+    f.write_text("A short text of a few words. " * 100)
+    n = 4 * data.SPREAD_PIECE
+    assert torch.equal(data.tokens(tok, n_tokens=n, text_file=str(f), sample="spread"),
+                       data.tokens(tok, n_tokens=n, text_file=str(f)))
+
+
+def test_unknown_sample_is_one_line(smollm):
+    _, tok = smollm
+    with pytest.raises(MoyuError) as e:
+        data.tokens(tok, "calib", 1000, sample="random")
+    assert "head, spread" in _one_line(e)
+
+
+def test_tda_calibrates_on_the_spread_sample_and_others_on_the_head(smollm):
+    from moyu.methods import calibration_ids, calibration_source
+    _, tok = smollm
+    head = data.tokens(tok, "calib", 2048)
+    spread = data.tokens(tok, "calib", 2048, sample="spread")
+    assert not torch.equal(head, spread)
+    assert torch.equal(calibration_ids(tok, 2048, method="tda"), spread)
+    assert torch.equal(calibration_ids(tok, 2048, method="cats"), head)
+    assert torch.equal(calibration_ids(tok, 2048), head)
+    source = calibration_source(tok, 2048)
+    assert torch.equal(source("tda"), spread) and torch.equal(source("oracle"), head)
+    assert source("cats") is source("oracle")   # one read per sample kind

@@ -8,7 +8,7 @@ each registering itself with :func:`register` when imported below.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,10 +24,29 @@ from . import dense, oracle, cats, teal, griffin, tda, cett, relu, static, dejav
 
 
 def calibration_ids(tok, tokens: int = 8192, text_file: str | None = None,
-                    corpus: str = "prose") -> torch.Tensor:
-    """Calibration token ids: the ``calib`` split of a built-in corpus (disjoint from ``eval``) or a file."""
+                    corpus: str = "prose", method: str | None = None) -> torch.Tensor:
+    """Calibration token ids: the ``calib`` split of a built-in corpus (disjoint from ``eval``) or a file.
+
+    Sampled as ``method`` wants it (:attr:`Method.calib_sample`): the text's head by
+    default, pieces spread over all of it for methods whose parameters are per-prompt
+    statistics (TDA).
+    """
     from .. import data
-    return data.tokens(tok, "calib", tokens, text_file=text_file, corpus=corpus)
+    sample = get_method(method).calib_sample if method else "head"
+    return data.tokens(tok, "calib", tokens, text_file=text_file, corpus=corpus, sample=sample)
+
+
+def calibration_source(tok, tokens: int = 8192, text_file: str | None = None,
+                       corpus: str = "prose") -> Callable[[str], torch.Tensor]:
+    """``method name -> calibration ids`` for a sweep: each sample kind is read once."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def ids_for(method: str) -> torch.Tensor:
+        kind = get_method(method).calib_sample
+        if kind not in cache:
+            cache[kind] = calibration_ids(tok, tokens, text_file, corpus, method)
+        return cache[kind]
+    return ids_for
 
 
 def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
@@ -46,7 +65,7 @@ def calibrate(model: nn.Module, tok_or_ids: Any = None, method: str = "tda",
     if isinstance(tok_or_ids, torch.Tensor):
         ids = tok_or_ids
     elif tok_or_ids is not None:
-        ids = calibration_ids(tok_or_ids, tokens)
+        ids = calibration_ids(tok_or_ids, tokens, method=method)
     else:
         ids = None
     if cett is None:
@@ -77,4 +96,5 @@ def sparsify(model: nn.Module, profile: Profile) -> Sparsifier:
     return get_method(profile.method).build(model, profile)
 
 
-__all__ = ["METHODS", "Method", "Sparsifier", "calibrate", "sparsify", "get_method", "register"]
+__all__ = ["METHODS", "Method", "Sparsifier", "calibrate", "calibration_ids", "calibration_source",
+           "sparsify", "get_method", "register"]

@@ -58,6 +58,9 @@ class Method:
     needs_gate: ClassVar[bool] = False
     streams: ClassVar[set[str]] = set()   # what calibration samples
     prompts: ClassVar[bool] = False       # calibration keeps prompt activations
+    # which calibration text it reads (moyu.data.tokens sample): "head", the first tokens,
+    # or "spread", pieces from all over the text (a per-prompt statistic needs many texts)
+    calib_sample: ClassVar[str] = "head"
     Options: ClassVar[type] = CalibOptions
     version: ClassVar[int] = 1            # bump when the profile's tensors or options change meaning
     rule_type: ClassVar[type | None] = None   # the rule it applies (None: dense); the runtime keys decode steps on it
