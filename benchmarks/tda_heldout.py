@@ -14,8 +14,16 @@ as the published sweeps use) and on all evaluation windows. The spread over slic
 the sampling noise of an 8k-token check; the gap that remains with all windows on both
 sides is the corpus split's own shift.
 
+With ``--spread N`` it instead takes N prompts spaced evenly over the whole of each split
+(so every file or play contributes, not the first few), and reports the held-out sparsity
+over all N evaluation prompts for thresholds fitted on the first 16 windows of the
+calibration split (TDA's calibration text before), on 16 windows of the spread sample
+(``moyu.data.tokens(sample="spread")``, what TDA calibrates on now), and on all N
+spread prompts: what TDA's threshold gives on the evaluation split as a whole rather than
+on one 8k sample of it.
+
     python benchmarks/tda_heldout.py [--model smollm2-135m] [--corpora prose,code]
-        [--tokens 33000] [--out docs/results/tda/heldout]
+        [--tokens 33000] [--spread N] [--out docs/results/tda/heldout]
 """
 from __future__ import annotations
 
@@ -52,6 +60,43 @@ def held_out(calib: torch.Tensor, evals: torch.Tensor, target: float) -> torch.T
     return (evals <= theta[None, :, None]).float().mean(-1).mean(-1)
 
 
+def spread_ids(ids: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+    """``n`` chunks of ``chunk`` tokens spaced evenly over ``ids``, concatenated so that the
+    prompt of window ``i`` (stride ``chunk``) is chunk ``i``; one more chunk pads the tail."""
+    last = len(ids) - chunk
+    if last < n:
+        raise SystemExit(f"split too short for {n} spread prompts: {len(ids)} tokens")
+    starts = [round(i * last / n) for i in range(n + 2)]
+    return torch.cat([ids[a:a + chunk] for a in starts])
+
+
+def spread_rows(model, tok, windows: Windows, corpus: str, n: int) -> list[dict]:
+    """Held-out sparsity over ``n`` spread evaluation prompts for three calibrations."""
+    n_cal = DEFAULT_CALIB * windows.scored + 513
+    head = window_stats(model, data.tokens(tok, "calib", n_cal, corpus=corpus), windows, DEFAULT_CALIB)
+    moyu_spread = window_stats(model, data.tokens(tok, "calib", n_cal, corpus=corpus, sample="spread"),
+                               windows, DEFAULT_CALIB)
+    cal = window_stats(model, spread_ids(data.tokens(tok, "calib", None, corpus=corpus), n, windows.scored),
+                       windows, n)
+    ev = window_stats(model, spread_ids(data.tokens(tok, "eval", None, corpus=corpus), n, windows.scored),
+                      windows, n)
+    fits = ((f"head: first {DEFAULT_CALIB} windows (before)", head),
+            (f"spread sample, {DEFAULT_CALIB} windows (TDA's default)", moyu_spread),
+            (f"all {n} spread prompts", cal))
+    rows = []
+    for target in TARGETS:
+        for label, fit in fits:
+            per = held_out(fit, ev, target)
+            half = 1.96 * float(per.std()) / len(per) ** 0.5
+            row = {"corpus": corpus, "target": target, "calibration": label, "held_out": round(float(per.mean()), 4),
+                   "ci95": [round(float(per.mean()) - half, 4), round(float(per.mean()) + half, 4)],
+                   "window_sd": round(float(per.std()), 4)}
+            rows.append(row)
+            print(f"{corpus:5s} {target:.1f} calib {label:42s} held-out over {n} spread prompts "
+                  f"{row['held_out']:.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+    return rows
+
+
 def main() -> None:
     """Measure every (corpus, target, calibration size) and write the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,12 +104,16 @@ def main() -> None:
     ap.add_argument("--corpora", default="prose,code")
     ap.add_argument("--tokens", type=int, default=4 * SLICE * 256 + 513,
                     help="tokens read from each split (default: four 31-window slices)")
+    ap.add_argument("--spread", type=int, help="N prompts spaced evenly over each whole split instead")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args()
     model, tok = moyu.load(args.model, verbose=False)
     windows = Windows().resolved(model)
     env = f"torch {torch.__version__} | CPU {cpu_name()} | {args.model} | {torch.get_num_threads()} threads"
     print(env, flush=True)
+    if args.spread:
+        write_spread(args, env, [r for c in args.corpora.split(",") for r in spread_rows(model, tok, windows, c, args.spread)])
+        return
     rows = []
     for corpus in args.corpora.split(","):
         cal_ids = data.tokens(tok, "calib", args.tokens, corpus=corpus)
@@ -97,6 +146,26 @@ def main() -> None:
         lines += [f"| {r['corpus']} | {r['target']:.1f} | {r['calibration']} | {' / '.join(f'{v:.3f}' for v in r['slices'])} "
                   f"| {r['all']:.3f} | {r['slice_range']:.3f} |" for r in rows]
         write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def write_spread(args, env: str, rows: list[dict]) -> None:
+    """Write the ``--spread`` table (OUT.json, OUT.md) when ``--out`` is given."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = (f"python benchmarks/tda_heldout.py --model {args.model} --corpora {args.corpora} "
+           f"--spread {args.spread} --out {args.out}")
+    write_json_atomic(out.with_suffix(".json"), {"command": cmd, "environment": env, "rows": rows}, indent=1)
+    lines = [f"`{cmd}`", "", env, "",
+             f"TDA (`by_length=false`, full 257-position prompts): threshold per layer fitted on the",
+             f"calibration split, held-out sparsity over {args.spread} prompts spaced evenly over the whole",
+             "evaluation split (95 % interval over prompts).", "",
+             "| corpus | target | calibrated on | held-out sparsity | 95 % interval | per-prompt sd |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['corpus']} | {r['target']:.1f} | {r['calibration']} | {r['held_out']:.3f} "
+              f"| [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['window_sd']:.3f} |" for r in rows]
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
