@@ -133,38 +133,38 @@ def main() -> None:
                       f"{' '.join(f'{v:.3f}' for v in slices)} | all {row['all']:.3f} "
                       f"(per-window sd {row['window_sd']:.3f})", flush=True)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = f"python benchmarks/tda_heldout.py --model {args.model} --corpora {args.corpora} --tokens {args.tokens} --out {args.out}"
-        write_json_atomic(out.with_suffix(".json"), {"command": cmd, "environment": env, "rows": rows}, indent=1)
-        lines = [f"`{cmd}`", "", env, "",
-                 "TDA (`by_length=false`, full 257-position prompts) calibrated on the calibration split,",
-                 "held-out sparsity on the evaluation split: per consecutive 31-window slice (one",
-                 "8,449-token evaluation each) and over all windows.", "",
-                 "| corpus | target | calibrated on | held-out per 8k slice | all windows | spread of slices |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['corpus']} | {r['target']:.1f} | {r['calibration']} | {' / '.join(f'{v:.3f}' for v in r['slices'])} "
-                  f"| {r['all']:.3f} | {r['slice_range']:.3f} |" for r in rows]
-        write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+        write_table(args.out, f"python benchmarks/tda_heldout.py --model {args.model} --corpora {args.corpora} "
+                    f"--tokens {args.tokens} --out {args.out}", env, rows,
+                    ["TDA (`by_length=false`, full 257-position prompts) calibrated on the calibration split,",
+                     "held-out sparsity on the evaluation split: per consecutive 31-window slice (one",
+                     "8,449-token evaluation each) and over all windows."],
+                    ["corpus", "target", "calibrated on", "held-out per 8k slice", "all windows", "spread of slices"],
+                    [[r["corpus"], f"{r['target']:.1f}", r["calibration"], " / ".join(f"{v:.3f}" for v in r["slices"]),
+                      f"{r['all']:.3f}", f"{r['slice_range']:.3f}"] for r in rows])
 
 
 def write_spread(args, env: str, rows: list[dict]) -> None:
     """Write the ``--spread`` table (OUT.json, OUT.md) when ``--out`` is given."""
     if not args.out:
         return
-    out = Path(args.out)
+    write_table(args.out, f"python benchmarks/tda_heldout.py --model {args.model} --corpora {args.corpora} "
+                f"--spread {args.spread} --out {args.out}", env, rows,
+                ["TDA (`by_length=false`, full 257-position prompts): threshold per layer fitted on the",
+                 f"calibration split, held-out sparsity over {args.spread} prompts spaced evenly over the whole",
+                 "evaluation split (95 % interval over prompts)."],
+                ["corpus", "target", "calibrated on", "held-out sparsity", "95 % interval", "per-prompt sd"],
+                [[r["corpus"], f"{r['target']:.1f}", r["calibration"], f"{r['held_out']:.3f}",
+                  f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['window_sd']:.3f}"] for r in rows])
+
+
+def write_table(path: str, cmd: str, env: str, rows: list[dict], caption: list[str],
+                header: list[str], body: list[list[str]]) -> None:
+    """``path``.json (the command, environment and rows) and ``path``.md (a markdown table)."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = (f"python benchmarks/tda_heldout.py --model {args.model} --corpora {args.corpora} "
-           f"--spread {args.spread} --out {args.out}")
     write_json_atomic(out.with_suffix(".json"), {"command": cmd, "environment": env, "rows": rows}, indent=1)
-    lines = [f"`{cmd}`", "", env, "",
-             f"TDA (`by_length=false`, full 257-position prompts): threshold per layer fitted on the",
-             f"calibration split, held-out sparsity over {args.spread} prompts spaced evenly over the whole",
-             "evaluation split (95 % interval over prompts).", "",
-             "| corpus | target | calibrated on | held-out sparsity | 95 % interval | per-prompt sd |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['corpus']} | {r['target']:.1f} | {r['calibration']} | {r['held_out']:.3f} "
-              f"| [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['window_sd']:.3f} |" for r in rows]
+    lines = [f"`{cmd}`", "", env, "", *caption, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)] + ["| " + " | ".join(cells) + " |" for cells in body]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
