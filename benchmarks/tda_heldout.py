@@ -28,7 +28,6 @@ on one 8k sample of it.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
