@@ -18,7 +18,7 @@ each MOYU statistic and each method's perplexity change at 50 % against paramete
     python benchmarks/scale_study.py [--models smollm2-135m,...] [--cells analyze,sweep,bench]
         [--corpora prose,code] [--methods ...] [--sparsities 0.3,0.5,0.7] [--tokens 2305]
         [--calib-tokens 8192] [--bench-tokens 128] [--bench-runs 3] [--bench-weights fp32|bf16|int8|int4]
-        [--bench-no-hf] [--out docs/results/scale] [--report]
+        [--bench-no-hf] [--out docs/results/scale] [--others-to docs/results/scale-3070] [--report]
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+REPORT_SPARSITY = 0.5   # the sparsity of the study's per-model comparison (the --out cells)
 METHODS = ("oracle", "cats", "teal", "griffin", "tda", "dejavu", "sketch", "sketch-reuse")
 # the order of docs/methods.md: rows of the sweep folders follow it
 SWEEP_ORDER = ("oracle", "cats", "cett", "teal", "wina", "griffin", "tda", "static", "dejavu",
@@ -108,9 +109,10 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         todo = []
         if "analyze" in kinds and not (cells / "analyze.json").exists():
             todo.append("analyze")
+        others = Path(args.others_to) / "cells" / name if getattr(args, "others_to", None) else None
         if "sweep" in kinds:
             todo += [f"sweep-{c}-{m}" for c in args.corpora for m in args.methods
-                     if not (cells / f"sweep-{c}-{m}.json").exists()]
+                     if not all((d / f"sweep-{c}-{m}.json").exists() for d in (cells, others) if d)]
         weights = getattr(args, "bench_weights", "fp32")
         bench_cell = "bench" if weights == "fp32" else f"bench-{weights}"
         if "bench" in kinds and not (cells / f"{bench_cell}.json").exists():
@@ -120,8 +122,10 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
         model, tok = load(name)
         ref = DenseReference()   # dense logits shared by every sweep cell of this model
         params = sum(p.numel() for p in model.parameters())
-        write_json(cells / "model.json", {"model": name, "parameters": params,
-                                          "model_type": model.config.model_type})
+        for d in (cells, others):
+            if d:
+                write_json(d / "model.json", {"model": name, "parameters": params,
+                                              "model_type": model.config.model_type})
         for cell in todo:
             t0, c0 = time.perf_counter(), _cpu_seconds()
             print(f"== {name}: {cell}", flush=True)
@@ -152,6 +156,13 @@ def run_cells(args: argparse.Namespace, load: Callable = None) -> None:
             result["threads"] = torch.get_num_threads()
             # peak resident size of this process so far (Linux: KiB), the load included
             result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            if others and cell.startswith("sweep-"):
+                # one run, two reports: the 50 % row to --out, the other targets to --others-to
+                # (their times are the whole run's: the targets shared one calibration path)
+                rest = [r for r in result["rows"] if abs(r["target"] - REPORT_SPARSITY) > 1e-9]
+                result["rows"] = [r for r in result["rows"] if abs(r["target"] - REPORT_SPARSITY) <= 1e-9]
+                result["run_shared_with"] = str(others)
+                write_json(others / f"{cell}.json", {**result, "rows": rest, "run_shared_with": str(cells)})
             write_json(cells / f"{cell}.json", result)
         del model, tok
 
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                          "dense and sparse runtimes fit beside its fp32 HF model in 24 GB)")
     ap.add_argument("--bench-no-hf", action="store_true", help="skip the HF generate baseline in the bench cell")
     ap.add_argument("--out", default="docs/results/scale")
+    ap.add_argument("--others-to", metavar="DIR",
+                    help="sweep rows at targets other than 50 %% go to the same cell under DIR (the 30/70 %% "
+                         "run), so targets that share a calibration path (TEAL's greedy) run once")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from finished cells")
     ap.add_argument("--sweeps-to", metavar="DEST",
                     help="only write the sweep cells of --out (and --also-cells) as `moyu sweep` folders "

@@ -49,6 +49,33 @@ def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
     assert rows[0]["method"] == "cats" and rows[0]["target"] == 0.5
 
 
+def test_others_to_splits_one_run_between_the_50_and_the_30_70_cells(tiny_gguf, tmp_path, one_thread):
+    """--others-to: one run of a method's targets, the 50 % row to --out, the rest to DIR."""
+    loads = []
+
+    def load(name):
+        loads.append(name)
+        return moyu.load(str(tiny_gguf), verbose=False)
+
+    args = scale_study.argparse.Namespace(
+        models=["tiny"], cells="sweep", corpora=["prose"], methods=["teal"], sparsities=[0.3, 0.5],
+        tokens=600, calib_tokens=600, out=str(tmp_path / "main"), others_to=str(tmp_path / "others"))
+    from moyu.evaluate import Windows
+    import moyu.sweep as sweep
+    real = sweep.run_sweep
+    sweep.run_sweep = lambda *a, **k: real(*a, **{**k, "windows": Windows(prompt=16, scored=16), "progress": False})
+    try:
+        scale_study.run_cells(args, load=load)
+        scale_study.run_cells(args, load=load)           # both halves written: nothing loads
+    finally:
+        sweep.run_sweep = real
+    main, rest = (json.loads((tmp_path / d / "cells" / "tiny" / "sweep-prose-teal.json").read_text())
+                  for d in ("main", "others"))
+    assert loads == ["tiny"]
+    assert [r["target"] for r in main["rows"]] == [0.5] and [r["target"] for r in rest["rows"]] == [0.3]
+    assert (tmp_path / "others" / "cells" / "tiny" / "model.json").exists()
+
+
 def test_statistic_mean_and_layer_range():
     name = "share of neurons for 90 % of the output"
     rep = {"overactivation": {"mean": {"share_90": 0.5}, "layers": [{"share_90": 0.7}, {"share_90": 0.4}]}}

@@ -22,6 +22,8 @@ held-out text (upstream sparsity leaves more small channels downstream). ``alloc
 """
 from __future__ import annotations
 
+import hashlib
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -90,12 +92,44 @@ class BlockReplay:
         self.rule = InputRule({}, scales, transforms)   # the rotation (WINA transform=svd), if any
         self.mods = projections(ml)
         self.taus: dict[str, float] = {}
+        self.in_tail = False   # inside the MLP run on the scored positions alone
+        self.tail_mlp = False
         self.dense = [self._run(c) for c in calls]
+        # The MLP is position-wise and its output at a position reaches only that position of
+        # the block output, so the prompt positions (dense, not scored) need no MLP: running
+        # it on the scored tail alone halves the greedy's cost. Used only where a dense run
+        # shows it changes nothing (an MLP that returns more than a tensor keeps the full run).
+        try:
+            self.tail_mlp = True
+            same = torch.allclose(self._run(calls[0]), self.dense[0], rtol=1e-4, atol=1e-5)
+        except Exception:   # noqa: BLE001 - any failure means: keep the full run
+            same = False
+        self.tail_mlp = same
 
     def _run(self, call: tuple[tuple, dict]) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.ml.layer(*call[0], **call[1])
+        handles = []
+        if self.tail_mlp:
+            handles = [self.ml.mlp.register_forward_pre_hook(self._tail_in),
+                       self.ml.mlp.register_forward_hook(self._tail_out)]
+        try:
+            with torch.inference_mode():
+                out = self.ml.layer(*call[0], **call[1])
+        finally:
+            self.in_tail = False
+            for h in handles:
+                h.remove()
         return (out[0] if isinstance(out, tuple) else out)[..., self.p:, :].float()
+
+    def _tail_in(self, _m, args):
+        self.in_tail = True
+        return (args[0][..., self.p:, :],) + tuple(args[1:])
+
+    def _tail_out(self, _m, _args, out):
+        self.in_tail = False
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("MLP output is not a tensor")
+        # zeros where the prompt positions were: their block outputs are never compared
+        return torch.cat([out.new_zeros(*out.shape[:-2], self.p, out.shape[-1]), out], -2)
 
     def error(self, taus: dict[str, float]) -> float:
         """Block output error with thresholds ``taus`` (role -> tau; missing or < 0: dense)."""
@@ -114,41 +148,90 @@ class BlockReplay:
 
         def pre(_m, args):
             x = args[0]
-            tail = self.rule.coords(role, x[..., self.p:, :])
+            p = 0 if self.in_tail else self.p   # inside a tail-only MLP every position is scored
+            tail = self.rule.coords(role, x[..., p:, :])
             score = tail.abs() if scale is None else tail.abs() * scale
             tail = self.rule.restore(role, tail * (score > self.taus[role]).to(tail.dtype), x.dtype)
-            return (torch.cat([x[..., :self.p, :], tail], -2),)
+            return (torch.cat([x[..., :p, :], tail], -2),)
         return pre
+
+
+class GreedyPath:
+    """TEAL's greedy allocation of one block as a path of steps, extended on demand.
+
+    Each greedy step depends only on the levels reached, never on the target, so the
+    allocation for a lower target is a prefix of the allocation for a higher one: a sweep
+    over 30/50/70 % walks the 70 % path once and reads the lower targets off it.
+    """
+
+    def __init__(self, sizes: dict[str, int], step: float, ref: int):
+        self.sizes = sizes
+        self.total = sum(sizes.values())
+        self.steps = {r: step * ref / sizes[r] for r in sizes}
+        self.chosen: list[str] = []   # the role stepped at each step, in order
+        self.level = {r: 0.0 for r in sizes}   # levels at the end of the path
+        self.exhausted = False   # every projection fully sparse: the path cannot go on
+
+    def effective(self, level: dict[str, float]) -> float:
+        """Share of the block's weights skipped at per-projection ``level``."""
+        return sum(min(level[r], 1.0) * self.sizes[r] for r in level) / self.total
+
+    def reaches(self, target: float) -> bool:
+        """Whether the path already covers ``target`` (no block replay needed)."""
+        return self.exhausted or self.effective(self.level) >= target - 1e-9
+
+    def extend(self, replay: BlockReplay, scores: dict[str, SortedScores], target: float) -> None:
+        """Take greedy steps until the block's effective sparsity reaches ``target``."""
+        while not self.reaches(target):
+            best, best_err = None, float("inf")
+            for r in self.level:
+                if self.level[r] >= 1.0:
+                    continue
+                trial = {**self.level, r: min(self.level[r] + self.steps[r], 1.0)}
+                err = replay.error({q: scores[q].tau(v) for q, v in trial.items()})
+                if err < best_err:
+                    best, best_err = r, err
+            if best is None:
+                self.exhausted = True
+                break
+            self.level[best] = min(self.level[best] + self.steps[best], 1.0)
+            self.chosen.append(best)
+
+    def levels(self, target: float) -> dict[str, float]:
+        """Each projection's level for ``target``: the path's prefix that first reaches it, its
+        last step trimmed so the block lands exactly on the target."""
+        level = {r: 0.0 for r in self.sizes}
+        last = None
+        for r in self.chosen:
+            if self.effective(level) >= target - 1e-9:
+                break
+            level[r] = min(level[r] + self.steps[r], 1.0)
+            last = r
+        over = self.effective(level) - target
+        if last is not None and over > 0:
+            level[last] = max(level[last] - over * self.total / self.sizes[last], 0.0)
+        return level
 
 
 def greedy_levels(replay: BlockReplay, scores: dict[str, SortedScores], sizes: dict[str, int],
                   target: float, step: float, ref: int) -> dict[str, float]:
     """TEAL's greedy allocation of one block; returns each projection's sparsity level."""
-    total = sum(sizes.values())
-    steps = {r: step * ref / sizes[r] for r in sizes}
-    level = {r: 0.0 for r in sizes}
+    path = GreedyPath(sizes, step, ref)
+    path.extend(replay, scores, target)
+    return path.levels(target)
 
-    def effective(lv: dict[str, float]) -> float:
-        return sum(min(lv[r], 1.0) * sizes[r] for r in lv) / total
 
-    last = None
-    while effective(level) < target - 1e-9:
-        best, best_err = None, float("inf")
-        for r in level:
-            if level[r] >= 1.0:
-                continue
-            trial = {**level, r: min(level[r] + steps[r], 1.0)}
-            err = replay.error({q: scores[q].tau(v) for q, v in trial.items()})
-            if err < best_err:
-                best, best_err = r, err
-        if best is None:
-            break
-        level[best] = min(level[best] + steps[best], 1.0)
-        last = best
-    over = effective(level) - target
-    if last is not None and over > 0:   # trim the last step so the block lands on the target
-        level[last] = max(level[last] - over * total / sizes[last], 0.0)
-    return level
+# greedy paths per model, kept between calibrations so that a sweep's targets share one path;
+# an entry dies with its model
+_PATHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, GreedyPath]]" = weakref.WeakKeyDictionary()
+
+
+def _path_key(name: str, ml: MLPLayer, ids: torch.Tensor, *config) -> tuple:
+    """What a greedy path depends on: method, layer, weights (in-place edits bump their
+    version), calibration text and options."""
+    weights = tuple((m.weight.data_ptr(), m.weight._version) for m in projections(ml).values())
+    text = hashlib.sha1(ids.detach().cpu().numpy().tobytes()).hexdigest()
+    return (name, ml.index, weights, text) + config
 
 
 @dataclass(frozen=True)
@@ -195,24 +278,32 @@ class Teal(Method):
 
     def fit(self, prof, layers, samples, target, opts):
         s = target["sparsity"]
+        greedy = opts.allocation == "greedy" and s > 0
         calls = None
         # the block is replayed on short windows (a quarter of the evaluation layout) to keep
         # the greedy's many block forwards affordable on a CPU
         rw = replace(self.windows, prompt=max(1, self.windows.prompt // 4), scored=max(1, self.windows.scored // 4))
-        if opts.allocation == "greedy" and s > 0:
-            calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
         out, levels = [], []
         tf = getattr(opts, "transform", "none")
+        paths = _PATHS.setdefault(self.model, {}) if greedy else {}
         for ml in layers:
             sc, rot = self.scales(ml, tf), self.transforms(ml, tf)
             scores = self._scores(ml, samples, sc, rot)
             sizes = role_sizes(ml)
-            if calls is None:
+            if not greedy:
                 level = {r: s for r in scores}
             else:
-                replay = BlockReplay(ml, calls[ml.index], rw.lead, sc, rot)
+                # the path of a block depends on the dense calibration scores and block inputs,
+                # both fixed by the text and the options: one path serves every target
+                key = _path_key(self.name, ml, self.ids, self.windows, opts.greedy_windows, opts.step,
+                                opts.per_window, opts.calib_windows, tf)
                 d = ml.w_up.shape[1]
-                level = greedy_levels(replay, scores, sizes, s, opts.step, d * d)
+                path = paths.setdefault(key, GreedyPath(sizes, opts.step, d * d))
+                if not path.reaches(s):
+                    if calls is None:
+                        calls = C.block_inputs(self.model, self.ids, rw, opts.greedy_windows)
+                    path.extend(BlockReplay(ml, calls[ml.index], rw.lead, sc, rot), scores, s)
+                level = path.levels(s)
             for r in scores:
                 prof.set_layer(ml.index, f"tau_{r}", torch.tensor(scores[r].tau(level[r])))
             levels.append(level)
