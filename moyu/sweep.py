@@ -55,7 +55,7 @@ def run_sweep(model: nn.Module, calib_ids: "torch.Tensor | Callable[[str], torch
         bar.set_postfix_str(f"{m} @ {s:.2f}")
         t0 = time.perf_counter()
         ids = calib_ids(m) if callable(calib_ids) else calib_ids
-        prof = calibrate(model, ids, method=m, sparsity=s, windows=windows, **params)
+        prof = calibrate(model, ids, method=m, sparsity=s, windows=windows, progress=progress, **params)
         t1 = time.perf_counter()
         res = evaluate(model, eval_ids, windows, modifier=sparsify(model, prof), reference=ref)
         d = res.to_dict()

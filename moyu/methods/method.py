@@ -100,7 +100,8 @@ class Method:
                                 max_windows=opts.calib_windows,
                                 prompts=(self.prompt_summary(opts, windows) or True) if self.prompts else False,
                                 progress=progress)
-        self.model, self.ids, self.windows = model, ids, windows   # for methods that replay blocks
+        # for methods that replay blocks (and show their own progress)
+        self.model, self.ids, self.windows, self.progress = model, ids, windows, progress
         try:
             achieved = self.fit(prof, layers, samples, target, opts)
         finally:

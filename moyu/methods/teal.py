@@ -19,6 +19,11 @@ positions stay dense, as in evaluation), and the default step is coarser than TE
 thresholds are re-estimated (``refine`` passes, default 1) on the inputs each projection
 sees with the thresholds applied, because dense-model quantiles overshoot the target on
 held-out text (upstream sparsity leaves more small channels downstream). ``allocation="uniform"`` gives every projection the target.
+
+Two savings change the greedy's cost, not its result: the MLP is replayed on the scored
+positions alone (:class:`BlockReplay`), and a block's greedy path is kept per model and
+calibration text, so lower targets read their allocation off a higher one's path
+(:class:`GreedyPath`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from ..arch import MLPLayer
 from . import calib as C
@@ -286,7 +292,8 @@ class Teal(Method):
         out, levels = [], []
         tf = getattr(opts, "transform", "none")
         paths = _PATHS.setdefault(self.model, {}) if greedy else {}
-        for ml in layers:
+        for ml in tqdm(layers, desc=f"{self.name} greedy allocation", leave=False,
+                       disable=not (greedy and getattr(self, "progress", False))):
             sc, rot = self.scales(ml, tf), self.transforms(ml, tf)
             scores = self._scores(ml, samples, sc, rot)
             sizes = role_sizes(ml)
