@@ -103,7 +103,7 @@ class BlockReplay:
         self.dense = [self._run(c) for c in calls]
         # The MLP is position-wise and its output at a position reaches only that position of
         # the block output, so the prompt positions (dense, not scored) need no MLP: running
-        # it on the scored tail alone saves the MLP's prompt half (a replay 1.4x faster on SmolLM2). Used only where a dense run
+        # it on the scored tail alone saves the MLP's work on the prompt half. Used only where a dense run
         # shows it changes nothing (an MLP that returns more than a tensor keeps the full run).
         try:
             self.tail_mlp = True
