@@ -102,9 +102,9 @@ class BlockReplay:
         self.tail_mlp = False
         self.dense = [self._run(c) for c in calls]
         # The MLP is position-wise and its output at a position reaches only that position of
-        # the block output, so the prompt positions (dense, not scored) need no MLP: running
-        # it on the scored tail alone saves the MLP's work on the prompt half. Used only where a dense run
-        # shows it changes nothing (an MLP that returns more than a tensor keeps the full run).
+        # the block output, so the prompt positions (dense, not compared) need no MLP: it runs
+        # on the scored tail alone. Used only where a dense run shows this changes nothing (an
+        # MLP that returns more than a tensor, or OPT's MLP-less layer, keeps the full run).
         try:
             self.tail_mlp = True
             same = torch.allclose(self._run(calls[0]), self.dense[0], rtol=1e-4, atol=1e-5)
