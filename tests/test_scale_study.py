@@ -15,31 +15,35 @@ scale_study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scale_study)
 
 
-def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
+@pytest.fixture
+def tiny_cells(tiny_gguf, monkeypatch):
+    """A loader of the tiny GGUF that records each load, with sweeps on small windows."""
+    from moyu.evaluate import Windows
+    import moyu.sweep as sweep
+    real = sweep.run_sweep
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: real(
+        *a, **{**k, "windows": Windows(prompt=16, scored=16), "progress": False}))
     loads = []
 
     def load(name):
         loads.append(name)
         return moyu.load(str(tiny_gguf), verbose=False)
+    return load, loads
 
+
+def test_sweep_cells_resume_and_report(tiny_cells, tmp_path, one_thread):
+    load, loads = tiny_cells
     args = scale_study.argparse.Namespace(
         models=["tiny"], cells="sweep", corpora=["prose"], methods=["cats", "sketch"],
         sparsities=[0.5], tokens=600, calib_tokens=600, out=str(tmp_path))
-    from moyu.evaluate import Windows
-    import moyu.sweep as sweep
-    real = sweep.run_sweep
-    sweep.run_sweep = lambda *a, **k: real(*a, **{**k, "windows": Windows(prompt=16, scored=16), "progress": False})
-    try:
-        scale_study.run_cells(args, load=load)
-        cells = tmp_path / "cells" / "tiny"
-        assert sorted(p.name for p in cells.glob("*.json")) == [
-            "model.json", "sweep-prose-cats.json", "sweep-prose-sketch.json"]
-        assert not list(cells.glob("*.tmp"))
-        before = (cells / "sweep-prose-cats.json").read_text()
-        scale_study.run_cells(args, load=load)           # every cell done: nothing loads
-        assert loads == ["tiny"] and (cells / "sweep-prose-cats.json").read_text() == before
-    finally:
-        sweep.run_sweep = real
+    scale_study.run_cells(args, load=load)
+    cells = tmp_path / "cells" / "tiny"
+    assert sorted(p.name for p in cells.glob("*.json")) == [
+        "model.json", "sweep-prose-cats.json", "sweep-prose-sketch.json"]
+    assert not list(cells.glob("*.tmp"))
+    before = (cells / "sweep-prose-cats.json").read_text()
+    scale_study.run_cells(args, load=load)           # every cell done: nothing loads
+    assert loads == ["tiny"] and (cells / "sweep-prose-cats.json").read_text() == before
     scale_study.report(tmp_path)
     md = (tmp_path / "scale.md").read_text()
     assert "| dense ppl | cats | sketch |" in md and (tmp_path / "scale.png").stat().st_size > 0
@@ -49,26 +53,14 @@ def test_sweep_cells_resume_and_report(tiny_gguf, tmp_path, one_thread):
     assert rows[0]["method"] == "cats" and rows[0]["target"] == 0.5
 
 
-def test_others_to_splits_one_run_between_the_50_and_the_30_70_cells(tiny_gguf, tmp_path, one_thread):
+def test_others_to_splits_one_run_between_the_50_and_the_30_70_cells(tiny_cells, tmp_path, one_thread):
     """--others-to: one run of a method's targets, the 50 % row to --out, the rest to DIR."""
-    loads = []
-
-    def load(name):
-        loads.append(name)
-        return moyu.load(str(tiny_gguf), verbose=False)
-
+    load, loads = tiny_cells
     args = scale_study.argparse.Namespace(
         models=["tiny"], cells="sweep", corpora=["prose"], methods=["teal"], sparsities=[0.3, 0.5],
         tokens=600, calib_tokens=600, out=str(tmp_path / "main"), others_to=str(tmp_path / "others"))
-    from moyu.evaluate import Windows
-    import moyu.sweep as sweep
-    real = sweep.run_sweep
-    sweep.run_sweep = lambda *a, **k: real(*a, **{**k, "windows": Windows(prompt=16, scored=16), "progress": False})
-    try:
-        scale_study.run_cells(args, load=load)
-        scale_study.run_cells(args, load=load)           # both halves written: nothing loads
-    finally:
-        sweep.run_sweep = real
+    scale_study.run_cells(args, load=load)
+    scale_study.run_cells(args, load=load)           # both halves written: nothing loads
     main, rest = (json.loads((tmp_path / d / "cells" / "tiny" / "sweep-prose-teal.json").read_text())
                   for d in ("main", "others"))
     assert loads == ["tiny"]
