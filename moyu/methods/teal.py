@@ -219,24 +219,15 @@ class GreedyPath:
         return level
 
 
-def greedy_levels(replay: BlockReplay, scores: dict[str, SortedScores], sizes: dict[str, int],
-                  target: float, step: float, ref: int) -> dict[str, float]:
-    """TEAL's greedy allocation of one block; returns each projection's sparsity level."""
-    path = GreedyPath(sizes, step, ref)
-    path.extend(replay, scores, target)
-    return path.levels(target)
-
-
 # greedy paths per model, kept between calibrations so that a sweep's targets share one path;
 # an entry dies with its model
 _PATHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, GreedyPath]]" = weakref.WeakKeyDictionary()
 
 
-def _path_key(name: str, ml: MLPLayer, ids: torch.Tensor, *config) -> tuple:
+def _path_key(name: str, ml: MLPLayer, text: str, *config) -> tuple:
     """What a greedy path depends on: method, layer, weights (in-place edits bump their
-    version), calibration text and options."""
+    version), calibration text (its digest) and options."""
     weights = tuple((m.weight.data_ptr(), m.weight._version) for m in projections(ml).values())
-    text = hashlib.sha1(ids.detach().cpu().numpy().tobytes()).hexdigest()
     return (name, ml.index, weights, text) + config
 
 
@@ -292,6 +283,7 @@ class Teal(Method):
         out, levels = [], []
         tf = getattr(opts, "transform", "none")
         paths = _PATHS.setdefault(self.model, {}) if greedy else {}
+        text = hashlib.sha1(self.ids.detach().cpu().numpy().tobytes()).hexdigest() if greedy else ""
         for ml in tqdm(layers, desc=f"{self.name} greedy allocation", leave=False,
                        disable=not (greedy and getattr(self, "progress", False))):
             sc, rot = self.scales(ml, tf), self.transforms(ml, tf)
@@ -302,7 +294,7 @@ class Teal(Method):
             else:
                 # the path of a block depends on the dense calibration scores and block inputs,
                 # both fixed by the text and the options: one path serves every target
-                key = _path_key(self.name, ml, self.ids, self.windows, opts.greedy_windows, opts.step,
+                key = _path_key(self.name, ml, text, self.windows, opts.greedy_windows, opts.step,
                                 opts.per_window, opts.calib_windows, tf)
                 d = ml.w_up.shape[1]
                 path = paths.setdefault(key, GreedyPath(sizes, opts.step, d * d))
