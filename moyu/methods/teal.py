@@ -176,15 +176,16 @@ class GreedyPath:
         self.steps = {r: step * ref / sizes[r] for r in sizes}
         self.chosen: list[str] = []   # the role stepped at each step, in order
         self.level = {r: 0.0 for r in sizes}   # levels at the end of the path
-        self.exhausted = False   # every projection fully sparse: the path cannot go on
 
     def effective(self, level: dict[str, float]) -> float:
         """Share of the block's weights skipped at per-projection ``level``."""
         return sum(min(level[r], 1.0) * self.sizes[r] for r in level) / self.total
 
     def reaches(self, target: float) -> bool:
-        """Whether the path already covers ``target`` (no block replay needed)."""
-        return self.exhausted or self.effective(self.level) >= target - 1e-9
+        """Whether the path already covers ``target`` (no block replay needed), or cannot
+        go on (every projection fully sparse)."""
+        return (self.effective(self.level) >= target - 1e-9
+                or all(v >= 1.0 for v in self.level.values()))
 
     def extend(self, replay: BlockReplay, scores: dict[str, SortedScores], target: float) -> None:
         """Take greedy steps until the block's effective sparsity reaches ``target``."""
@@ -197,8 +198,7 @@ class GreedyPath:
                 err = replay.error({q: scores[q].tau(v) for q, v in trial.items()})
                 if err < best_err:
                     best, best_err = r, err
-            if best is None:
-                self.exhausted = True
+            if best is None:   # no finite error to compare: stop where the path is
                 break
             self.level[best] = min(self.level[best] + self.steps[best], 1.0)
             self.chosen.append(best)
